@@ -277,7 +277,8 @@ class GlorotUniform(_FixedVarianceScaling):
 
 
 class GlorotNormal(_FixedVarianceScaling):
-    """Truncated normal with variance 2 / (fan_in + fan_out) (Keras; PyTorch's xavier_normal_ is untruncated)."""
+    """Truncated normal with variance 2 / (fan_in + fan_out) (Keras; PyTorch's xavier_normal_
+    is untruncated)."""
     SETTINGS = {"scale": 1.0, "mode": "fan_avg", "distribution": "truncated_normal"}
 
 

@@ -119,7 +119,7 @@ def instances(pred_mask, min_size: int = 16, max_grow: int | None = None) -> np.
             break
         labels[grow] = reached[grow]
         steps += 1
-    orphans, n_orphans = ndimage.label(border & (labels == 0), structure=eight)
+    orphans, _ = ndimage.label(border & (labels == 0), structure=eight)
     labels[orphans > 0] = orphans[orphans > 0] + labels.max()
     return _drop_small(labels, min_size)
 

@@ -36,7 +36,7 @@ def gradcheck(fn, *arrays, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 
     """
     values = [a.data if isinstance(a, Tensor) else a for a in arrays]
     xp = get_array_module(*values)
-    values = [xp.asarray(v) for v in values]
+    values = [xp.ascontiguousarray(xp.asarray(v)) for v in values]
     values = [v.astype(xp.float64) if v.dtype.kind == "f" else v for v in values]
     checked = [i for i, v in enumerate(values) if v.dtype.kind == "f"]
     names = list(names) if names is not None else [f"input {i}" for i in range(len(values))]

@@ -26,6 +26,8 @@ def named_weights(layer: Layer, prefix: str = "") -> list:
     ('encoder[0].conv1/kernel'), so they do not depend on global layer counters."""
     attribute_names = {}
     for key, value in vars(layer).items():
+        if key.startswith("_"):
+            continue
         if isinstance(value, Layer):
             attribute_names.setdefault(id(value), key)
         elif isinstance(value, (list, tuple)):

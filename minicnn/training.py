@@ -79,20 +79,12 @@ class Trainer:
             raise ValueError("compile: a loss is needed, e.g. "
                              "losses.SparseCategoricalCrossentropy(from_logits=True)")
         self.loss = losses.get(loss)
-        self._metric_specs = list(metrics or [])
-        self._metrics_module = metrics_module
-        self.compiled_metrics = []
+        self.compiled_metrics = [metrics_module.get(m) for m in metrics or []]
         return self
 
     def _require_compiled(self, what: str):
         if self.loss is None:
             raise RuntimeError(f"{what}: call model.compile(optimizer, loss, metrics) first")
-
-    def _make_metrics(self, num_classes: int) -> list:
-        made = []
-        for spec in self._metric_specs:
-            made.append(self._metrics_module.get(spec, num_classes=num_classes))
-        return made
 
     def _to_model_device(self, array):
         return backend.to_device(_host(array), self.device)
@@ -111,8 +103,6 @@ class Trainer:
         return loss
 
     def _update_metrics(self, y, output):
-        if not self.compiled_metrics and self._metric_specs:
-            self.compiled_metrics = self._make_metrics(max(output.shape[-1], 2))
         for metric in self.compiled_metrics:
             metric.update_state(y, output.data)
 
@@ -235,7 +225,7 @@ class Trainer:
         x, y = _host(x), _host(y)
         _check_xy(x, y, "evaluate")
         saved = self.compiled_metrics
-        self.compiled_metrics = []
+        self.compiled_metrics = [type(m).from_config(m.get_config()) for m in saved]
         total, count = 0.0, 0
         with no_grad():
             for xb, yb in array_batches(x, y, batch_size, shuffle=False):
@@ -376,7 +366,7 @@ class EarlyStopping(Callback):
                 self.best_weights = self.model.get_weights()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience and epoch > 0:     # Keras' rule
             self.model.stop_training, self.stopped_epoch = True, epoch
             if self.best_weights is not None:
                 self.model.set_weights(self.best_weights)

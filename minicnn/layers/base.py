@@ -197,18 +197,33 @@ class Layer:
         if any(isinstance(x, SymbolicTensor) for x in flat):
             return self._call_symbolic(inputs, **kwargs)
         if isinstance(inputs, (list, tuple)):
-            inputs = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
-        elif not isinstance(inputs, Tensor):
-            inputs = Tensor(inputs)
+            inputs = [self._as_input(x) for x in inputs]
+        else:
+            inputs = self._as_input(inputs)
         self._prepare(shape_of(inputs))
         output = self.call(inputs, training=training, **kwargs)
         self.output_shape = shape_of(output)
         return output
 
+    def _as_input(self, x) -> Tensor:
+        """A Tensor as it is; an array as a constant Tensor, floats cast to the layer's dtype
+        (as Keras casts inputs)."""
+        if isinstance(x, Tensor):
+            return x
+        if not backend.is_gpu_array(x):
+            x = np.asarray(x)
+        if x.dtype.kind == "f" and x.dtype != self.dtype:
+            x = x.astype(self.dtype)
+        return Tensor(x)
+
     def _call_symbolic(self, inputs, **kwargs):
         shape = shape_of(inputs)
         self._prepare(shape)
-        output = SymbolicTensor(self.compute_output_shape(shape), layer=self,
+        if self._layers:     # a composite layer: trace its call, which builds its sub-layers
+            out_shape = shape_of(self.call(inputs, training=False, **kwargs))
+        else:
+            out_shape = self.compute_output_shape(shape)
+        output = SymbolicTensor(out_shape, layer=self,
                                 inputs=inputs if isinstance(inputs, (list, tuple)) else [inputs],
                                 kwargs=kwargs)
         output.multiple = isinstance(inputs, (list, tuple))

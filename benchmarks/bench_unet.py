@@ -1,0 +1,259 @@
+"""One U-Net training step (forward, loss, backward, Adam update): minicnn against PyTorch.
+
+Each engine runs in its own process (so peak resident memory is its own), on the same number of
+CPU threads, for the same architecture: UNet(num_classes=3, base_filters, depth), 3x3 'same'
+convolutions with bias, BatchNorm (eps 1e-3, Keras momentum 0.99 = PyTorch momentum 0.01), ReLU,
+2x2 max pooling, ConvTranspose k=2 s=2, concatenation, a 1x1 head, softmax cross-entropy, Adam.
+
+    python benchmarks/bench_unet.py                       # both cases, PyTorch if importable
+    python benchmarks/bench_unet.py --torch-python /path/to/venv/bin/python --json out.json
+    python benchmarks/bench_unet.py --profile             # minicnn's time per phase and per op
+
+Prints median step times, the ratio minicnn / PyTorch, peak RSS of each process, and (with
+--profile) where minicnn's time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CASES = {
+    "large": dict(base=16, depth=4, batch=8, size=128, channels=3, steps=5),
+    "small": dict(base=8, depth=3, batch=4, size=64, channels=1, steps=20),
+}
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- minicnn ------------------------------------------------------------------------------------
+def minicnn_worker(case: dict, profile: bool) -> dict:
+    import numpy as np
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import minicnn as mc
+    from minicnn import losses, optimizers
+    from minicnn.models import UNet
+    mc.seed(0)
+    rs = np.random.default_rng(0)
+    x = rs.random((case["batch"], case["size"], case["size"], case["channels"]), dtype=np.float32)
+    y = rs.integers(0, 3, size=x.shape[:3])
+    model = UNet(num_classes=3, base_filters=case["base"], depth=case["depth"])
+    model.build((None,) + x.shape[1:])
+    loss_fn = losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = optimizers.Adam(1e-3)
+    phases = {"forward": [], "loss": [], "backward": [], "update": []}
+
+    def step():
+        t0 = time.perf_counter()
+        out = model(x, training=True)
+        t1 = time.perf_counter()
+        loss = loss_fn(y, out)
+        t2 = time.perf_counter()
+        model.zero_grad()
+        loss.backward()
+        t3 = time.perf_counter()
+        opt.step(model.trainable_weights)
+        t4 = time.perf_counter()
+        for name, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[name].append(value)
+        return t4 - t0
+
+    for _ in range(2):
+        step()
+    for values in phases.values():
+        values.clear()
+    op_times = install_op_timers() if profile else None
+    times = [step() for _ in range(case["steps"])]
+    result = {"median_ms": 1000 * float(np.median(times)), "peak_rss_mb": peak_rss_mb(),
+              "trainable": int(sum(w.size for w in model.trainable_weights)),
+              "phases_ms": {k: 1000 * float(np.median(v)) for k, v in phases.items()}}
+    if op_times is not None:
+        result["ops_ms_per_step"] = {k: 1000 * v / case["steps"]
+                                     for k, v in sorted(op_times.items(), key=lambda kv: -kv[1])}
+    return result
+
+
+def install_op_timers() -> dict:
+    """Wrap every Function subclass's forward and backward with a timer (profile mode only)."""
+    from minicnn.tensor import Function
+    totals: dict = {}
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    def timed(cls, method):
+        original = cls.__dict__[method]
+
+        def wrapper(self, *args):
+            start = time.perf_counter()
+            try:
+                return original(self, *args)
+            finally:
+                key = f"{cls.__name__}.{method}"
+                totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+        setattr(cls, method, wrapper)
+
+    for cls in set(subclasses(Function)):
+        for method in ("forward", "backward"):
+            if method in cls.__dict__:
+                timed(cls, method)
+    return totals
+
+
+# -- PyTorch twin ---------------------------------------------------------------------------------
+def torch_worker(case: dict, channels_last: bool) -> dict:
+    import numpy as np
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+
+    def block(cin, cout):
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
+            nn.ReLU(inplace=True))
+
+    class TorchUNet(nn.Module):
+        def __init__(self, cin, classes, base, depth):
+            super().__init__()
+            widths = [base * 2 ** i for i in range(depth + 1)]
+            self.down = nn.ModuleList()
+            c = cin
+            for w in widths[:-1]:
+                self.down.append(block(c, w))
+                c = w
+            self.bottom = block(widths[-2], widths[-1])
+            self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                     for i in reversed(range(depth)))
+            self.dec = nn.ModuleList(block(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+            self.head = nn.Conv2d(base, classes, 1)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            skips = []
+            for b in self.down:
+                x = b(x)
+                skips.append(x)
+                x = self.pool(x)
+            x = self.bottom(x)
+            for up, b in zip(self.ups, self.dec):
+                x = b(torch.cat([up(x), skips.pop()], dim=1))
+            return self.head(x)
+
+    rs = np.random.default_rng(0)
+    x = torch.from_numpy(rs.random((case["batch"], case["channels"], case["size"], case["size"]),
+                                   dtype=np.float32))
+    y = torch.from_numpy(rs.integers(0, 3, size=(case["batch"], case["size"], case["size"])))
+    model = TorchUNet(case["channels"], 3, case["base"], case["depth"])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for _ in range(2):
+        step()
+    times = [step() for _ in range(case["steps"])]
+    return {"median_ms": 1000 * float(np.median(times)), "peak_rss_mb": peak_rss_mb(),
+            "trainable": int(sum(p.numel() for p in model.parameters())),
+            "threads": torch.get_num_threads(), "version": torch.__version__}
+
+
+# -- orchestration -------------------------------------------------------------------------------
+def run_worker(python: str, engine: str, case: str, extra=()) -> dict:
+    command = [python, os.path.abspath(__file__), "--worker", engine, "--case", case, *extra]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def blas_name() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [f"{p['internal_api']} {p.get('version')} ({p['num_threads']} threads)"
+                 for p in threadpool_info() if p.get("user_api") == "blas"]
+        return ", ".join(pools) or "unknown"
+    except ImportError:
+        return "unknown (pip install threadpoolctl to see it)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="large,small")
+    parser.add_argument("--torch-python", default=sys.executable,
+                        help="interpreter that has torch (default: this one)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--worker", choices=["minicnn", "torch", "torch-cl"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        case = CASES[args.case]
+        if args.worker == "minicnn":
+            result = minicnn_worker(case, args.profile)
+        else:
+            import torch
+            torch.set_num_threads(args.threads)
+            result = torch_worker(case, channels_last=args.worker == "torch-cl")
+        print(json.dumps(result))
+        return 0
+
+    env_threads = ["--threads", str(args.threads)]
+    rows = {}
+    print(f"CPU cores: {os.cpu_count()}, threads: {args.threads}, numpy BLAS: {blas_name()}")
+    for name in args.cases.split(","):
+        mine = run_worker(sys.executable, "minicnn", name, ["--profile"] if args.profile else [])
+        theirs = run_worker(args.torch_python, "torch", name, env_threads)
+        theirs_cl = run_worker(args.torch_python, "torch-cl", name, env_threads)
+        rows[name] = {"case": CASES[name], "minicnn": mine, "torch": theirs, "torch_channels_last": theirs_cl}
+    print(f"\n{'case':<7}{'minicnn ms':>12}{'torch ms':>10}{'ratio':>8}{'torch CL ms':>13}"
+          f"{'minicnn MB':>12}{'torch MB':>10}{'mem ratio':>11}  params (minicnn / torch)")
+    for name, row in rows.items():
+        mine, theirs, cl = row["minicnn"], row["torch"], row["torch_channels_last"]
+        if "error" in mine:
+            print(f"{name:<7} minicnn failed: {mine['error']}")
+            continue
+        if "error" in theirs:
+            print(f"{name:<7}{mine['median_ms']:>12.1f}   (PyTorch unavailable: {theirs['error']})")
+            continue
+        print(f"{name:<7}{mine['median_ms']:>12.1f}{theirs['median_ms']:>10.1f}"
+              f"{mine['median_ms'] / theirs['median_ms']:>8.2f}"
+              f"{cl.get('median_ms', float('nan')):>13.1f}{mine['peak_rss_mb']:>12.0f}"
+              f"{theirs['peak_rss_mb']:>10.0f}{mine['peak_rss_mb'] / theirs['peak_rss_mb']:>11.2f}"
+              f"  {mine['trainable']:,} / {theirs['trainable']:,}")
+    for name, row in rows.items():
+        mine = row["minicnn"]
+        if "phases_ms" in mine:
+            print(f"\n{name}: minicnn phases (median ms): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in mine["phases_ms"].items()))
+        if "ops_ms_per_step" in mine:
+            print(f"{name}: minicnn time per op (ms per step):")
+            for key, value in list(mine["ops_ms_per_step"].items())[:16]:
+                print(f"    {key:<36}{value:>9.1f}")
+    if args.json_path:
+        with open(args.json_path, "w") as handle:
+            json.dump(rows, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

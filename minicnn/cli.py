@@ -1,0 +1,390 @@
+"""The ``minicnn`` command: train, evaluate, predict, info, gradcheck.
+
+    minicnn train                     # U-Net on the nuclei image, 2 classes, GPU if CuPy sees one
+    minicnn train --classes 3         # interior / border: instance F1 and mean AP too
+    minicnn evaluate --weights runs/nuclei/model.npz
+    minicnn predict image.png --weights runs/nuclei/model.npz --out mask.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_task(dataset: str, classes: int, seed: int):
+    """(train, val, test) pairs of (images (N, H, W, C), masks (N, H, W)) and the class count."""
+    from minicnn import data
+    if dataset == "nuclei":
+        if classes not in (2, 3):
+            raise UsageError(f"--classes must be 2 or 3 for nuclei, got {classes}")
+        splits = [data.nuclei(classes, split) for split in ("train", "val", "test")]
+        return [(s.image[None], s.mask[None]) for s in splits], classes
+    if dataset == "m2nist":
+        train = data.m2nist(1200, split="train", seed=seed)
+        test = data.m2nist(200, split="test", seed=seed + 1)
+        val = (train.image[-200:], train.mask[-200:])
+        return [(train.image[:-200], train.mask[:-200]), val, tuple(test)], 11
+    if dataset == "shapes":
+        images, masks = data.shapes(240, size=64, seed=seed)
+        return [(images[:160], masks[:160]), (images[160:200], masks[160:200]),
+                (images[200:], masks[200:])], 4
+    raise UsageError(f"unknown dataset {dataset!r}: choose nuclei, m2nist or shapes")
+
+
+def crop_batches(images, masks, crop, batch_size, seed, augment, model):
+    """Endless (x, y) training batches of random crops; targets cropped to a 'valid' net's output."""
+    from minicnn import data
+    augmenter = None
+    if augment:
+        augmenter = data.ImageDataGenerator(rotation_range=15, zoom_range=0.1,
+                                            horizontal_flip=True, vertical_flip=True,
+                                            brightness_range=(0.8, 1.2), fill_mode="reflect")
+    out = model.output_size(crop)
+    margin = (crop - out) // 2
+    for x, y in data.random_crops(images, masks, crop, batch_size, seed=seed, augmenter=augmenter):
+        yield x, y[:, margin:margin + out, margin:margin + out]
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def region_scores(model, images, masks, num_classes):
+    """Per-class IoU and Dice over whole images (each predicted by overlap-tile)."""
+    from minicnn.models.unet import predict_image
+    predictions = np.stack([predict_image(model, image).argmax(-1) for image in images])
+    iou, dice = [], []
+    for c in range(num_classes):
+        p, t = predictions == c, masks == c
+        inter, total = np.logical_and(p, t).sum(), p.sum() + t.sum()
+        union = total - inter
+        iou.append(inter / union if union else np.nan)
+        dice.append(2 * inter / total if total else np.nan)
+    return predictions, np.array(iou), np.array(dice)
+
+
+def summarise(iou, dice):
+    """Foreground means: classes 1.. (background excluded)."""
+    return float(np.nanmean(dice[1:])), float(np.nanmean(iou[1:]))
+
+
+# -- commands -------------------------------------------------------------------------------------
+def build_model(args, num_classes):
+    from minicnn.models import UNet
+    model = UNet(num_classes, base_filters=args.base_filters, depth=args.depth, padding=args.padding)
+    try:
+        model.output_size(args.crop)
+    except ValueError as error:
+        raise UsageError(f"--crop {args.crop}: {error}") from None
+    return model
+
+
+class OneHotTargets:
+    """Feed integer masks (N, H, W) to a loss that wants one-hot targets (N, H, W, C)."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        from kernels import backend
+        xp = backend.get_array_module(y_pred.data)
+        labels = xp.asarray(backend.to_device(getattr(y_true, "data", y_true), y_pred.device))
+        one_hot = (labels[..., None] == xp.arange(y_pred.shape[-1])).astype(y_pred.dtype)
+        return self.loss(one_hot, y_pred, sample_weight=sample_weight)
+
+
+def make_loss(name):
+    """The loss of ``--loss``, for softmax logits and integer masks."""
+    from minicnn import losses
+    if name == "sparse_ce":
+        return losses.SparseCategoricalCrossentropy(from_logits=True)
+    if name == "focal":
+        return OneHotTargets(losses.CategoricalFocalCrossentropy(from_logits=True))
+    if name == "dice":
+        return losses.CEDice(from_logits=True, ce_weight=0.0, dice_weight=1.0)
+    return losses.CEDice(from_logits=True)
+
+
+def train(args) -> int:
+    import minicnn as mc
+    from minicnn import io, optimizers, training
+    from kernels import backend
+
+    device = backend.check_device(args.device)
+    mc.seed(args.seed)
+    (train_set, val_set, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)
+    model = build_model(args, num_classes)
+    crop = min(args.crop, *train_set[0].shape[1:3])
+    model.compile(optimizer=optimizers.get(args.optimizer, learning_rate=args.lr),
+                  loss=make_loss(args.loss), metrics=["pixel_accuracy"])
+    model.build((None, crop, crop, train_set[0].shape[-1]))
+    model.to(device)
+    os.makedirs(args.out, exist_ok=True)
+    last_path, best_path = os.path.join(args.out, "last.npz"), os.path.join(args.out, "model.npz")
+    history, start, best = {}, 0, -1.0
+    if args.resume:
+        if not os.path.exists(last_path):
+            raise UsageError(f"--resume: no checkpoint at {last_path}")
+        manifest = io.load_checkpoint(last_path, model)
+        start, history = manifest["epoch"], manifest["extra"].get("history", {})
+        best = manifest["extra"].get("best", -1.0)
+        print(f"resumed from {last_path} after epoch {start}")
+    print(f"minicnn train: UNet(num_classes={num_classes}, base_filters={args.base_filters}, "
+          f"depth={args.depth}, padding={args.padding!r}), {model.count_params():,} weights, "
+          f"{args.dataset} crops {crop}x{crop}, batch {args.batch_size}, device {device}")
+    started = time.perf_counter()
+    for epoch in range(start, args.epochs):
+        batches = crop_batches(*train_set, crop, args.batch_size, seed=args.seed * 1000 + epoch,
+                               augment=args.augment, model=model)
+        fitted = model.fit(batches, epochs=epoch + 1, initial_epoch=epoch,
+                           steps_per_epoch=args.steps_per_epoch, verbose=1)
+        logs = {k: v[-1] for k, v in fitted.history.items()}
+        recalibrate(model, train_set, crop, args)
+        _, iou, dice = region_scores(model, *val_set, num_classes)
+        logs["val_dice"], logs["val_iou"] = summarise(iou, dice)
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        improved = logs["val_dice"] > best
+        if improved:
+            best = logs["val_dice"]
+            io.save_model(model, best_path)
+        io.save_checkpoint(last_path, model, epoch + 1, extra={"history": history, "best": best})
+        print(f"  val dice {logs['val_dice']:.4f}  val IoU {logs['val_iou']:.4f}"
+              + ("  (best so far: saved)" if improved else ""))
+    print(f"trained in {time.perf_counter() - started:.0f} s")
+    write_history(args.out, history)
+    best_model = io.load_model(best_path).to(device)
+    recalibrate(best_model, train_set, crop, args)
+    io.save_model(best_model, best_path)
+    report(best_model, test_set, num_classes, args)
+    return 0
+
+
+def recalibrate(model, train_set, crop, args, batches=8):
+    """Batch-norm population statistics of the current weights, from fresh training crops."""
+    from minicnn import data, training
+    stream = data.random_crops(*train_set, crop, args.batch_size, seed=args.seed + 7)
+    training.recompute_batchnorm_statistics(model, (next(stream)[0] for _ in range(batches)))
+
+
+def report(model, test_set, num_classes, args):
+    """Print the test scores and draw the pictures."""
+    predictions, iou, dice = region_scores(model, *test_set, num_classes)
+    fg_dice, fg_iou = summarise(iou, dice)
+    results = {"test_dice": fg_dice, "test_iou": fg_iou,
+               "per_class_iou": [None if np.isnan(v) else float(v) for v in iou]}
+    print(f"test Dice {fg_dice:.4f}  test IoU {fg_iou:.4f}  (foreground)")
+    if args.dataset != "nuclei" or num_classes > 3:
+        print("per-class IoU: " + "  ".join(f"{c}: {v:.3f}" for c, v in enumerate(iou)))
+    if args.dataset == "nuclei":
+        from minicnn import data, segmentation
+        truth = data.nuclei_instances("test")
+        if num_classes == 3:
+            found = segmentation.instances(predictions[0])
+        else:
+            found = segmentation.instances_from_two_class(predictions[0])
+        results["instance_f1@0.5"] = segmentation.f1_at(truth, found, 0.5)
+        results["instance_mean_ap"] = segmentation.mean_average_precision(truth, found)
+        print(f"instances: F1@0.5 {results['instance_f1@0.5']:.4f}  "
+              f"mean AP (IoU 0.5..0.95) {results['instance_mean_ap']:.4f}")
+    write_json(os.path.join(args.out, "results.json"), results)
+    draw(model, test_set, predictions, args)
+
+
+def write_json(path, payload):
+    from minicnn.io import write_text_atomic
+    write_text_atomic(path, json.dumps(payload, indent=2))
+
+
+def write_history(folder, history):
+    from minicnn.io import write_text_atomic
+    write_json(os.path.join(folder, "history.json"), history)
+    keys = list(history)
+    rows = [",".join(["epoch"] + keys)]
+    for i in range(len(history[keys[0]]) if keys else 0):
+        rows.append(",".join([str(i + 1)] + [f"{history[k][i]:.6g}" for k in keys]))
+    write_text_atomic(os.path.join(folder, "history.csv"), "\n".join(rows) + "\n")
+
+
+def draw(model, test_set, predictions, args):
+    from minicnn import visualize
+    if not visualize.matplotlib_available():
+        print('pictures skipped: matplotlib is not installed (pip install "minicnn[plot]")')
+        return
+    with open(os.path.join(args.out, "history.json")) as handle:
+        history = json.load(handle)
+    visualize.save_training_curves(history, os.path.join(args.out, "curves.png"))
+    visualize.save_predictions(test_set[0], test_set[1], predictions,
+                               os.path.join(args.out, "predictions.png"))
+    print(f"wrote {args.out}/curves.png and {args.out}/predictions.png")
+
+
+def evaluate(args) -> int:
+    from minicnn import io
+    model = load_for_cli(args.weights)
+    (_, _, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)
+    if model.num_classes != num_classes:
+        raise UsageError(f"--weights {args.weights}: the model has {model.num_classes} classes, "
+                         f"{args.dataset} with --classes {args.classes} has {num_classes}")
+    _, iou, dice = region_scores(model, *test_set, num_classes)
+    fg_dice, fg_iou = summarise(iou, dice)
+    print(f"test Dice {fg_dice:.4f}  test IoU {fg_iou:.4f}  (foreground)")
+    print("per-class IoU: " + "  ".join(f"{c}: {v:.3f}" for c, v in enumerate(iou)))
+    return 0
+
+
+def load_for_cli(path):
+    from minicnn import io
+    if not os.path.exists(path):
+        raise UsageError(f"--weights: no such file: {path}")
+    try:
+        return io.load_model(path)
+    except ValueError as error:
+        raise UsageError(f"--weights {path}: {str(error).splitlines()[0]}") from None
+
+
+def predict(args) -> int:
+    from minicnn.models.unet import predict_image
+    model = load_for_cli(args.weights)
+    if not os.path.exists(args.image):
+        raise UsageError(f"no such image: {args.image}")
+    if args.image.endswith(".npy"):
+        image = np.load(args.image, allow_pickle=False)
+    else:
+        from minicnn import visualize
+        image = visualize.read_image(args.image)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.max() > 1.0:
+        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
+    channels = model.built_input_shape[-1]
+    if image.shape[-1] != channels:
+        if channels == 1:
+            image = image[..., :3].mean(axis=-1, keepdims=True)
+        else:
+            raise UsageError(f"{args.image}: the model takes {channels} channels, the image has "
+                             f"{image.shape[-1]}")
+    mask = predict_image(model, image).argmax(-1).astype(np.uint8)
+    if args.out.endswith(".npy"):
+        np.save(args.out, mask)
+    else:
+        from minicnn import visualize
+        visualize.save_mask(mask, args.out, model.num_classes)
+    print(f"wrote {args.out}: {mask.shape[0]}x{mask.shape[1]} mask, classes "
+          f"{sorted(int(c) for c in np.unique(mask))}")
+    return 0
+
+
+def info(args) -> int:
+    import platform
+    import scipy
+    import minicnn
+    from kernels import backend
+    print(f"minicnn {minicnn.__version__}, Python {platform.python_version()}, "
+          f"NumPy {np.__version__}, SciPy {scipy.__version__}")
+    try:
+        from threadpoolctl import threadpool_info
+        for pool in threadpool_info():
+            print(f"BLAS: {pool.get('internal_api')} {pool.get('version')} "
+                  f"({pool.get('num_threads')} threads, {pool.get('architecture')})")
+    except ImportError:
+        config = np.show_config(mode="dicts") if np.lib.NumpyVersion(np.__version__) >= "1.26.0" else {}
+        blas = config.get("Build Dependencies", {}).get("blas", {})
+        print(f"BLAS: {blas.get('name', 'unknown')} {blas.get('version', '')}")
+    print(f"CPU cores: {os.cpu_count()}")
+    if backend.gpu_available():
+        cp = backend.cupy_module()
+        for i in range(cp.cuda.runtime.getDeviceCount()):
+            name = cp.cuda.runtime.getDeviceProperties(i)["name"].decode()
+            print(f"GPU {i}: {name} (CuPy {cp.__version__})")
+    else:
+        try:
+            backend.cupy_module()
+        except RuntimeError as error:
+            print(f"GPU: none ({str(error).splitlines()[0]})")
+    return 0
+
+
+def gradcheck_command(args) -> int:
+    from minicnn.checks import run_all_gradchecks
+    failures = run_all_gradchecks(print_fn=print)
+    return 1 if failures else 0
+
+
+def make_parser() -> Parser:
+    parser = Parser(prog="minicnn", description="Train and check convolutional networks.")
+    commands = parser.add_subparsers(dest="command", parser_class=Parser)
+    run = commands.add_parser("train", help="train a U-Net on a built-in data set")
+    run.add_argument("--dataset", default="nuclei", choices=["nuclei", "m2nist", "shapes"])
+    run.add_argument("--classes", type=int, default=2, help="nuclei: 2 or 3")
+    run.add_argument("--epochs", type=int, default=8)
+    run.add_argument("--steps-per-epoch", type=int, default=100)
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--crop", type=int, default=64)
+    run.add_argument("--base-filters", type=int, default=16)
+    run.add_argument("--depth", type=int, default=3)
+    run.add_argument("--padding", default="same", choices=["same", "valid"])
+    run.add_argument("--loss", default="sparse_ce", choices=["sparse_ce", "focal", "dice", "ce_dice"])
+    run.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"])
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default="runs/minicnn")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    ev = commands.add_parser("evaluate", help="test-region scores of saved weights")
+    ev.add_argument("--weights", required=True)
+    ev.add_argument("--dataset", default="nuclei", choices=["nuclei", "m2nist", "shapes"])
+    ev.add_argument("--classes", type=int, default=2)
+    ev.add_argument("--seed", type=int, default=0)
+    pr = commands.add_parser("predict", help="segment an image (PNG or .npy)")
+    pr.add_argument("image")
+    pr.add_argument("--weights", required=True)
+    pr.add_argument("--out", default="mask.png")
+    commands.add_parser("info", help="versions, BLAS, devices")
+    commands.add_parser("gradcheck", help="check the gradient of every built-in kernel")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "train":
+            for name in ("epochs", "steps_per_epoch", "batch_size", "crop", "base_filters", "depth"):
+                if getattr(args, name) < 1:
+                    raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        handler = {"train": train, "evaluate": evaluate, "predict": predict, "info": info,
+                   "gradcheck": gradcheck_command}[args.command]
+        return handler(args)
+    except UsageError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "device 'gpu'" in str(error):
+            print(f"minicnn: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

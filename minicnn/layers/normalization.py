@@ -1,0 +1,117 @@
+"""BatchNormalization with Keras 3's arguments, defaults and weight order.
+
+    x: (..., C) (channels on ``axis``, the last by default), e.g. (N, H, W, C); weights (C,):
+    gamma, beta (trainable), moving_mean, moving_variance (not trainable), in that order.
+
+    training=True (and the layer trainable):
+        y = gamma * (x - mean_B) / sqrt(var_B + epsilon) + beta     (batch mean, biased variance)
+        moving_mean     <- moving_mean * momentum + mean_B * (1 - momentum)
+        moving_variance <- moving_variance * momentum + var_B * (1 - momentum)
+    otherwise:
+        y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta
+
+Keras' defaults (momentum 0.99, epsilon 1e-3) differ from PyTorch's BatchNorm2d (momentum 0.1 on
+the other side of the average, eps 1e-5, unbiased variance in the running estimate). As in Keras,
+a frozen layer (trainable=False) normalises with its moving statistics even when training=True.
+"""
+from __future__ import annotations
+
+from kernels.normalization import update_moving_statistics
+from minicnn.functions import math as M
+from minicnn.functions.normalization import BatchNorm, _constant_or, batch_norm
+from minicnn.layers.base import Layer, format_shape
+from minicnn.layers.core import initializer_config
+
+
+class BatchNormalization(Layer):
+    """Batch normalisation over every axis but ``axis``; see the module docstring for formulas."""
+
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, synchronized=False, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        unsupported = {"beta_regularizer": beta_regularizer, "gamma_regularizer": gamma_regularizer,
+                       "beta_constraint": beta_constraint, "gamma_constraint": gamma_constraint}
+        for arg, value in unsupported.items():
+            if value is not None:
+                raise ValueError(f"BatchNormalization: {arg} is not supported (got {value!r})")
+        if synchronized:
+            raise ValueError("BatchNormalization: synchronized=True needs several devices; "
+                             "minicnn runs on one")
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise TypeError(f"BatchNormalization: axis must be an int, got {axis!r}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"BatchNormalization: momentum must be in [0, 1], got {momentum}")
+        if not epsilon > 0:
+            raise ValueError(f"BatchNormalization: epsilon must be > 0, got {epsilon}")
+        self.axis, self.momentum, self.epsilon = axis, float(momentum), float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
+        self.moving_mean_initializer = moving_mean_initializer
+        self.moving_variance_initializer = moving_variance_initializer
+        self.gamma = self.beta = None
+
+    def _channel_axis(self, shape):
+        if not -len(shape) <= self.axis < len(shape) or len(shape) < 2:
+            raise ValueError(f"BatchNormalization '{self.name}': axis {self.axis} does not fit "
+                             f"input shape {format_shape(shape)}")
+        axis = self.axis % len(shape)
+        if axis == 0:
+            raise ValueError(f"BatchNormalization '{self.name}': axis 0 is the batch axis "
+                             f"(input shape {format_shape(shape)})")
+        return axis
+
+    def build(self, input_shape):
+        channels = input_shape[self._channel_axis(input_shape)]
+        if channels is None:
+            raise ValueError(f"BatchNormalization '{self.name}': the channel axis of input shape "
+                             f"{format_shape(input_shape)} must be known")
+        shape = (channels,)
+        if self.scale:
+            self.gamma = self.add_weight("gamma", shape, self.gamma_initializer)
+        if self.center:
+            self.beta = self.add_weight("beta", shape, self.beta_initializer)
+        self.moving_mean = self.add_weight("moving_mean", shape, self.moving_mean_initializer,
+                                           trainable=False)
+        self.moving_variance = self.add_weight("moving_variance", shape,
+                                               self.moving_variance_initializer, trainable=False)
+
+    def call(self, inputs, training=False):
+        axis = self._channel_axis(inputs.shape)
+        channels = self.moving_mean.shape[0]
+        if inputs.shape[axis] != channels:
+            raise ValueError(f"BatchNormalization '{self.name}': built for {channels} channels on "
+                             f"axis {self.axis}, got input shape {format_shape(inputs.shape)}")
+        last = inputs.ndim - 1
+        if axis != last:                    # move the channels last, normalise, move them back
+            order = [i for i in range(inputs.ndim) if i != axis] + [axis]
+            back = sorted(range(inputs.ndim), key=lambda i: order[i])
+            return M.transpose(self._normalize(M.transpose(inputs, order), training), back)
+        return self._normalize(inputs, training)
+
+    def _normalize(self, x, training):
+        if training and self.trainable:
+            fn = BatchNorm(self.epsilon)
+            y = fn(x, *self._gamma_beta(x))
+            mean, var = update_moving_statistics(self.moving_mean.data, self.moving_variance.data,
+                                                 fn.batch_mean, fn.batch_var, self.momentum)
+            self.moving_mean.data[...] = mean
+            self.moving_variance.data[...] = var
+            return y
+        gamma, beta = self._gamma_beta(x)
+        return batch_norm(x, gamma, beta, self.moving_mean, self.moving_variance, training=False,
+                          epsilon=self.epsilon)
+
+    def _gamma_beta(self, x):
+        return _constant_or(self.gamma, x, 1), _constant_or(self.beta, x, 0)
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "momentum": self.momentum,
+                "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
+                "beta_initializer": initializer_config(self.beta_initializer),
+                "gamma_initializer": initializer_config(self.gamma_initializer),
+                "moving_mean_initializer": initializer_config(self.moving_mean_initializer),
+                "moving_variance_initializer": initializer_config(
+                    self.moving_variance_initializer)}

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from minicnn.training import Callback
+
 
 class UsageError(Exception):
     """A bad argument: reported in one line, exit status 2."""
@@ -144,32 +146,45 @@ def train(args) -> int:
     print(f"minicnn train: UNet(num_classes={num_classes}, base_filters={args.base_filters}, "
           f"depth={args.depth}, padding={args.padding!r}), {model.count_params():,} weights, "
           f"{args.dataset} crops {crop}x{crop}, batch {args.batch_size}, device {device}")
+
+    def epoch_batches(epoch):          # each epoch its own seeded stream: --resume repeats it
+        return crop_batches(*train_set, crop, args.batch_size, seed=args.seed * 1000 + epoch,
+                            augment=args.augment, model=model)
+
+    validation = RegionValidation(train_set, val_set, num_classes, crop, args, best, history)
     started = time.perf_counter()
-    for epoch in range(start, args.epochs):
-        batches = crop_batches(*train_set, crop, args.batch_size, seed=args.seed * 1000 + epoch,
-                               augment=args.augment, model=model)
-        fitted = model.fit(batches, epochs=epoch + 1, initial_epoch=epoch,
-                           steps_per_epoch=args.steps_per_epoch, verbose=1)
-        logs = {k: v[-1] for k, v in fitted.history.items()}
-        recalibrate(model, train_set, crop, args)
-        _, iou, dice = region_scores(model, *val_set, num_classes)
-        logs["val_dice"], logs["val_iou"] = summarise(iou, dice)
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
-        improved = logs["val_dice"] > best
-        if improved:
-            best = logs["val_dice"]
-            io.save_model(model, best_path)
-        io.save_checkpoint(last_path, model, epoch + 1, extra={"history": history, "best": best})
-        print(f"  val dice {logs['val_dice']:.4f}  val IoU {logs['val_iou']:.4f}"
-              + ("  (best so far: saved)" if improved else ""))
-    print(f"trained in {time.perf_counter() - started:.0f} s")
-    write_history(args.out, history)
+    model.fit(epoch_batches, epochs=args.epochs, initial_epoch=start,
+              steps_per_epoch=args.steps_per_epoch, callbacks=[validation])
+    print(f"trained in {time.perf_counter() - started:.0f} s; best validation Dice "
+          f"{validation.best:.4f}")
+    write_history(args.out, validation.history)
     best_model = io.load_model(best_path).to(device)
     recalibrate(best_model, train_set, crop, args)
     io.save_model(best_model, best_path)
     report(best_model, test_set, num_classes, args)
     return 0
+
+
+class RegionValidation(Callback):
+    """After each epoch: re-estimate the batch-norm statistics, score the validation region,
+    keep the best model by validation Dice (model.npz) and a checkpoint to resume (last.npz)."""
+
+    def __init__(self, train_set, val_set, num_classes, crop, args, best, history):
+        self.train_set, self.val_set, self.num_classes = train_set, val_set, num_classes
+        self.crop, self.args, self.best, self.history = crop, args, best, history
+
+    def on_epoch_end(self, epoch, logs):
+        from minicnn import io
+        recalibrate(self.model, self.train_set, self.crop, self.args)
+        _, iou, dice = region_scores(self.model, *self.val_set, self.num_classes)
+        logs["val_dice"], logs["val_iou"] = summarise(iou, dice)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        if logs["val_dice"] > self.best:
+            self.best = logs["val_dice"]
+            io.save_model(self.model, os.path.join(self.args.out, "model.npz"))
+        io.save_checkpoint(os.path.join(self.args.out, "last.npz"), self.model, epoch + 1,
+                           extra={"history": self.history, "best": self.best})
 
 
 def recalibrate(model, train_set, crop, args, batches=8):

@@ -118,8 +118,9 @@ class Trainer:
             steps_per_epoch=None, log_every=None):
         """Train for ``epochs`` epochs; returns a History.
 
-        x, y: arrays (N, H, W, C) and targets, or x an iterable of (x, y) batches (then
-        ``steps_per_epoch`` bounds an endless one). validation_data: (x_val, y_val).
+        x, y: arrays (N, H, W, C) and targets; or x an iterable of (x, y) batches (then
+        ``steps_per_epoch`` bounds an endless one); or x a function ``epoch -> batches`` (each
+        epoch its own, e.g. freshly seeded, stream). validation_data: (x_val, y_val).
         The running loss is read back from the device every ``log_every`` steps (1 on the CPU,
         10 on a GPU), which is also when a NaN loss is caught.
         """
@@ -133,17 +134,16 @@ class Trainer:
                 x, y, validation_data = x[:split], y[:split], (x[split:], y[split:])
             steps = math.ceil(len(x) / batch_size)
             steps = steps if steps_per_epoch is None else min(steps, steps_per_epoch)
-            make_batches = lambda: array_batches(x, y, batch_size, shuffle)  # noqa: E731
+            make_batches = lambda epoch: array_batches(x, y, batch_size, shuffle)  # noqa: E731
+        elif callable(x):                          # epoch -> that epoch's batches
+            make_batches, steps = x, steps_per_epoch
         else:
-            source = x
-            iterator = iter(source)
             steps = steps_per_epoch
-
-            def make_batches():
-                nonlocal iterator
-                if steps_per_epoch is None:       # a finite, re-iterable source: one pass
-                    return iter(source)
-                return iterator
+            if steps_per_epoch is None:           # a finite, re-iterable source: one pass each
+                make_batches = lambda epoch: iter(x)  # noqa: E731
+            else:                                 # an endless stream, shared by the epochs
+                stream = iter(x)
+                make_batches = lambda epoch: stream  # noqa: E731
         if log_every is None:
             log_every = 1 if self.device == "cpu" else 10
 
@@ -165,7 +165,7 @@ class Trainer:
             bar = tqdm(total=steps, desc=f"Epoch {epoch + 1}/{epochs}", leave=False,
                        disable=verbose != 1, dynamic_ncols=True)
             loss_sum, loss_count, pending = 0.0, 0, []
-            for step, batch in enumerate(make_batches()):
+            for step, batch in enumerate(make_batches(epoch)):
                 if steps is not None and step >= steps:
                     break
                 xb, yb = batch[0], batch[1]
@@ -206,9 +206,9 @@ class Trainer:
                 val = self.evaluate(validation_data[0], validation_data[1],
                                     batch_size=batch_size, verbose=0, return_dict=True)
                 logs.update({"val_" + k: v for k, v in val.items()})
-            history.append(epoch, logs)
-            for cb in callbacks:
+            for cb in callbacks:             # callbacks may add entries (val scores, say)
                 cb.on_epoch_end(epoch, logs)
+            history.append(epoch, logs)
             if verbose:
                 elapsed = time.perf_counter() - started
                 text = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())

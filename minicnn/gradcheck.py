@@ -34,6 +34,17 @@ def gradcheck(fn, *arrays, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 
     Returns True, or raises GradcheckError naming the input, the worst element, both values
     and the error.
     """
+    for name, analytic, numeric, what in gradient_pairs(
+            fn, *arrays, eps=eps, max_elements=max_elements, directions=directions, seed=seed,
+            names=names):
+        _compare(name, analytic, numeric, atol, rtol, what)
+    return True
+
+
+def gradient_pairs(fn, *arrays, eps: float = 1e-6, max_elements: int = 512, directions: int = 16,
+                   seed: int = 0, names=None) -> list:
+    """(input name, analytic, numeric, 'element' | 'direction') for every floating input:
+    the two gradients as host arrays, element by element or projected on random directions."""
     values = [a.data if isinstance(a, Tensor) else a for a in arrays]
     xp = get_array_module(*values)
     values = [xp.ascontiguousarray(xp.asarray(v)) for v in values]
@@ -57,15 +68,14 @@ def gradcheck(fn, *arrays, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 
         with no_grad():
             return float((run(*vals)[1].data * projection).sum())
 
+    pairs = []
     for i in checked:
         analytic = tensors[i].grad
         analytic = xp.zeros_like(values[i]) if analytic is None else analytic
         if values[i].size <= max_elements:
-            numeric = xp.zeros_like(values[i])
-            flat = numeric.reshape(-1)
-            for j in range(values[i].size):
-                flat[j] = _central_difference(objective, values, i, j, None, eps)
-            _compare(names[i], to_numpy(analytic), to_numpy(numeric), atol, rtol, "element")
+            numeric = np.array([_central_difference(objective, values, i, j, None, eps)
+                                for j in range(values[i].size)]).reshape(values[i].shape)
+            pairs.append((names[i], to_numpy(analytic), numeric, "element"))
         else:
             analytic_d, numeric_d = [], []
             for _ in range(directions):
@@ -73,8 +83,8 @@ def gradcheck(fn, *arrays, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 
                 direction = xp.asarray(direction / np.linalg.norm(direction))
                 analytic_d.append(float((analytic * direction).sum()))
                 numeric_d.append(_central_difference(objective, values, i, None, direction, eps))
-            _compare(names[i], np.array(analytic_d), np.array(numeric_d), atol, rtol, "direction")
-    return True
+            pairs.append((names[i], np.array(analytic_d), np.array(numeric_d), "direction"))
+    return pairs
 
 
 def _central_difference(objective, values, i, j, direction, eps):

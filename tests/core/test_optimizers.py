@@ -132,7 +132,7 @@ def test_adam_hyperparameters(beta_1, beta_2, amsgrad, epsilon, lr, seed):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
 
 
-@given(rho=st.floats(0.0, 0.99), momentum=st.floats(0.0, 0.95), centered=st.booleans(),
+@given(rho=st.floats(0.5, 0.99), momentum=st.floats(0.0, 0.95), centered=st.booleans(),
        lr=st.floats(1e-3, 0.5), seed=st.integers(0, 99))
 def test_rmsprop_hyperparameters(rho, momentum, centered, lr, seed):
     hyper = {"rho": rho, "momentum": momentum, "centered": centered, "epsilon": 1e-7}

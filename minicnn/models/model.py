@@ -10,7 +10,7 @@ Subclassed: ``class Net(Model)`` with layers assigned in ``__init__`` and ``call
 """
 from __future__ import annotations
 
-from minicnn.layers.base import Layer, SymbolicTensor, format_shape, shape_of
+from minicnn.layers.base import Layer, SymbolicTensor, format_shape, shape_of, unique_name
 from minicnn.training import Trainer
 
 
@@ -43,8 +43,11 @@ class Model(Layer, Trainer):
     """
 
     def __init__(self, inputs=None, outputs=None, name=None, **kwargs):
+        functional = inputs is not None or outputs is not None
+        if name is None and functional:
+            name = unique_name("functional")       # Keras' name for graph models
         super().__init__(name=name, **kwargs)
-        self.functional = inputs is not None or outputs is not None
+        self.functional = functional
         if self.functional:
             self._init_graph(inputs, outputs)
 

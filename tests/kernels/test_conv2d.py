@@ -1,0 +1,379 @@
+"""kernels.conv2d: fast kernels against the textbook loops, gradients against central differences,
+the adjoint identity of the transposed convolution, SciPy's correlate, and bad input."""
+import numpy as np
+import pytest
+import scipy.ndimage
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from kernels import conv2d as K
+from kernels import shapes
+from kernels.backend import to_device, to_numpy
+
+# Hypothesis with the function-scoped ``device`` fixture (the same inputs on CPU and GPU).
+with_device = settings(suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                              HealthCheck.too_slow, HealthCheck.data_too_large])
+
+paddings = st.one_of(
+    st.sampled_from(["valid", "same"]),
+    st.integers(0, 2),
+    st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)),
+              st.tuples(st.integers(0, 2), st.integers(0, 2))),
+)
+
+
+@st.composite
+def conv_settings(draw, max_size=9):
+    """A valid convolution: shapes, stride, dilation, padding (odd, even and size-1 images)."""
+    s = dict(
+        n=draw(st.integers(1, 2)), h=draw(st.integers(1, max_size)),
+        w=draw(st.integers(1, max_size)), c=draw(st.integers(1, 4)), o=draw(st.integers(1, 4)),
+        kernel=(draw(st.integers(1, 5)), draw(st.integers(1, 5))),
+        strides=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        padding=draw(paddings),
+    )
+    try:
+        shapes.conv2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"], s["dilation"],
+                               s["padding"])
+    except ValueError:
+        assume(False)
+    return s
+
+
+def arrays(rng, s, dtype=np.float64):
+    x = rng.standard_normal((s["n"], s["h"], s["w"], s["c"])).astype(dtype)
+    w = rng.standard_normal((*s["kernel"], s["c"], s["o"])).astype(dtype)
+    b = rng.standard_normal(s["o"]).astype(dtype)
+    return x, w, b
+
+
+def algorithms_for(s):
+    return [None, "im2col"] + (["shifted"] if s["strides"] == (1, 1) else [])
+
+
+def rel_err(a, b):
+    a, b = to_numpy(a), to_numpy(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)) if b.size else 0.0
+
+
+def numerical_gradients(f, arrays_, eps=1e-6):
+    """Central differences of L = sum(f(*arrays) * r), r a fixed random projection; float64."""
+    r = np.random.default_rng(7).standard_normal(f(*arrays_).shape)
+    grads = []
+    for k, a in enumerate(arrays_):
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            plus = [v.copy() for v in arrays_]
+            minus = [v.copy() for v in arrays_]
+            plus[k][idx] += eps
+            minus[k][idx] -= eps
+            g[idx] = (np.sum(f(*plus) * r) - np.sum(f(*minus) * r)) / (2 * eps)
+        grads.append(g)
+    return r, grads
+
+
+# --------------------------------------------------------------------------- forward
+
+@with_device
+@given(s=conv_settings())
+def test_forward_matches_reference(s, device):
+    rng = np.random.default_rng(0)
+    x, w, b = arrays(rng, s)
+    expected = K.conv2d_reference(x, w, b, s["strides"], s["dilation"], s["padding"])
+    for algorithm in algorithms_for(s):
+        y = K.conv2d_forward(to_device(x, device), to_device(w, device), to_device(b, device),
+                             s["strides"], s["dilation"], s["padding"], algorithm=algorithm)
+        assert rel_err(y, expected) < 1e-10, algorithm
+
+
+@with_device
+@given(s=conv_settings())
+def test_backward_matches_reference(s, device):
+    rng = np.random.default_rng(1)
+    x, w, _ = arrays(rng, s)
+    y = K.conv2d_reference(x, w, None, s["strides"], s["dilation"], s["padding"])
+    gy = rng.standard_normal(y.shape)
+    dx_ref, dw_ref, db_ref = K.conv2d_backward_reference(x, w, gy, s["strides"], s["dilation"],
+                                                         s["padding"])
+    xd, wd, gd = (to_device(a, device) for a in (x, w, gy))
+    for algorithm in algorithms_for(s):
+        dx, dw, db = K.conv2d_backward(gd, xd, wd, s["strides"], s["dilation"], s["padding"],
+                                       algorithm=algorithm)
+        assert rel_err(dx, dx_ref) < 1e-10 and rel_err(dw, dw_ref) < 1e-10, algorithm
+        assert rel_err(db, db_ref) < 1e-10
+        # The same through the one-gradient entry points and the forward's workspace.
+        _, workspace = K.conv2d_forward(xd, wd, None, s["strides"], s["dilation"], s["padding"],
+                                        algorithm=algorithm, return_workspace=True)
+        dw2, db2 = K.conv2d_backward_filter(xd, gd, w.shape, s["strides"], s["dilation"],
+                                            s["padding"], workspace=workspace, algorithm=algorithm)
+        dx2 = K.conv2d_backward_input(gd, wd, x.shape, s["strides"], s["dilation"], s["padding"],
+                                      algorithm=algorithm)
+        assert rel_err(dw2, dw_ref) < 1e-10 and rel_err(db2, db_ref) < 1e-10
+        assert rel_err(dx2, dx_ref) < 1e-10
+
+
+@given(s=conv_settings(max_size=5))
+def test_gradients_match_central_differences(s):
+    assume(s["n"] * s["h"] * s["w"] * s["c"] <= 60)
+    rng = np.random.default_rng(2)
+    x, w, b = arrays(rng, s)
+    settings_ = (s["strides"], s["dilation"], s["padding"])
+
+    def f(x_, w_, b_):
+        return K.conv2d_forward(x_, w_, b_, *settings_)
+
+    r, (dx_num, dw_num, db_num) = numerical_gradients(f, [x, w, b])
+    dx, dw, db = K.conv2d_backward(r, x, w, *settings_)
+    np.testing.assert_allclose(dx, dx_num, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw, dw_num, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, db_num, rtol=1e-6, atol=1e-8)
+
+
+@given(s=conv_settings())
+def test_adjoint_identity(s):
+    """<conv2d(x, w), y> = <x, conv2d_backward_input(y, w)>: the input gradient is the transpose."""
+    rng = np.random.default_rng(3)
+    x, w, _ = arrays(rng, s)
+    settings_ = (s["strides"], s["dilation"], s["padding"])
+    y = rng.standard_normal(K.conv2d_forward(x, w, None, *settings_).shape)
+    lhs = np.vdot(K.conv2d_forward(x, w, None, *settings_), y)
+    rhs = np.vdot(x, K.conv2d_backward_input(y, w, x.shape, *settings_))
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("kernel, strides, dilation", [
+    ((1, 1), (1, 1), (1, 1)), ((3, 3), (1, 1), (1, 1)), ((2, 5), (1, 1), (1, 1)),
+    ((4, 3), (1, 1), (1, 1)), ((3, 3), (2, 1), (1, 1)), ((3, 3), (1, 1), (2, 3)),
+])
+def test_single_channel_matches_scipy_correlate(kernel, strides, dilation, rng):
+    """One channel, 'valid': our output is scipy.ndimage.correlate's on the interior pixels."""
+    image = rng.standard_normal((11, 12))
+    weights = rng.standard_normal(kernel)
+    dilated = np.zeros(((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1))
+    dilated[::dilation[0], ::dilation[1]] = weights
+    full = scipy.ndimage.correlate(image, dilated, mode="constant", cval=0.0)
+    top, left = dilated.shape[0] // 2, dilated.shape[1] // 2      # SciPy centres the kernel here
+    ours = K.conv2d_forward(image[None, :, :, None], weights[:, :, None, None], None, strides,
+                            dilation, "valid")[0, :, :, 0]
+    interior = full[top:top + image.shape[0] - dilated.shape[0] + 1:strides[0],
+                    left:left + image.shape[1] - dilated.shape[1] + 1:strides[1]]
+    np.testing.assert_allclose(ours, interior, rtol=1e-12, atol=1e-12)
+
+
+def test_same_padding_matches_zero_padded_correlate(rng):
+    """'same', odd kernel, stride 1: SciPy's correlate with zeros outside, on every pixel."""
+    image = rng.standard_normal((9, 8))
+    weights = rng.standard_normal((3, 5))
+    ours = K.conv2d_forward(image[None, :, :, None], weights[:, :, None, None], None,
+                            padding="same")[0, :, :, 0]
+    np.testing.assert_allclose(ours, scipy.ndimage.correlate(image, weights, mode="constant"),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_known_values():
+    """A 3x3 image and a 2x2 kernel worked by hand."""
+    x = np.arange(1.0, 10.0).reshape(1, 3, 3, 1)                # [[1 2 3] [4 5 6] [7 8 9]]
+    w = np.array([[1.0, 0.0], [0.0, -1.0]]).reshape(2, 2, 1, 1)  # top-left minus bottom-right
+    y = K.conv2d_forward(x, w, np.array([0.5]))
+    np.testing.assert_array_equal(y[0, :, :, 0], [[1 - 5 + 0.5, 2 - 6 + 0.5],
+                                                  [4 - 8 + 0.5, 5 - 9 + 0.5]])
+
+
+@pytest.mark.parametrize("algorithm", [None, "im2col", "shifted"])
+def test_float32_stays_float32(algorithm, rng, device):
+    x = rng.standard_normal((2, 12, 12, 8))
+    w = rng.standard_normal((3, 3, 8, 5))
+    b = rng.standard_normal(5)
+    x32, w32, b32 = (to_device(a.astype(np.float32), device) for a in (x, w, b))
+    y = K.conv2d_forward(x32, w32, b32, padding="same", algorithm=algorithm)
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+    np.testing.assert_allclose(to_numpy(y), K.conv2d_forward(x, w, b, padding="same"),
+                               rtol=1e-4, atol=1e-4)
+    g = to_device(rng.standard_normal(y.shape).astype(np.float32), device)
+    for grad in K.conv2d_backward(g, x32, w32, padding="same", algorithm=algorithm):
+        assert grad.dtype == np.float32 and grad.flags.c_contiguous
+
+
+@pytest.mark.parametrize("kernel, strides, padding, algorithm", [
+    ((3, 3), 1, "same", "shifted"), ((3, 3), 1, "valid", "shifted"),
+    ((1, 1), 1, "valid", "shifted"),
+    ((3, 3), 2, "same", "im2col"), ((1, 1), 1, "valid", "im2col"), ((2, 2), 2, "valid", "im2col"),
+])
+def test_results_never_share_reused_buffers(kernel, strides, padding, algorithm, rng):
+    """A second call must not change what the first returned (the kernels reuse temporaries)."""
+    x1, x2 = rng.standard_normal((2, 2, 8, 8, 8))
+    w = rng.standard_normal((*kernel, 8, 8))
+    y1 = K.conv2d_forward(x1, w, None, strides, 1, padding, algorithm=algorithm)
+    g1 = rng.standard_normal(y1.shape)
+    dx1, dw1, _ = K.conv2d_backward(g1, x1, w, strides, 1, padding, algorithm=algorithm)
+    t1 = K.conv2d_transpose_forward(g1, w, None, strides, 1, padding, algorithm=algorithm)
+    saved = [a.copy() for a in (y1, dx1, dw1, t1)]
+    y2 = K.conv2d_forward(x2, w, None, strides, 1, padding, algorithm=algorithm)
+    K.conv2d_backward(-g1, x2, w, strides, 1, padding, algorithm=algorithm)
+    K.conv2d_transpose_forward(y2, w, None, strides, 1, padding, algorithm=algorithm)
+    for before, after in zip(saved, (y1, dx1, dw1, t1)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_backward_skips_what_is_not_needed(rng):
+    x, w = rng.standard_normal((1, 6, 6, 2)), rng.standard_normal((3, 3, 2, 3))
+    g = rng.standard_normal((1, 4, 4, 3))
+    dx, dw, db = K.conv2d_backward(g, x, w, need_input=False)
+    assert dx is None and dw is not None and db is not None
+    dx, dw, db = K.conv2d_backward(g, None, w, need_filter=False, need_bias=False,
+                                   x_shape=x.shape)
+    assert dw is None and db is None and dx.shape == x.shape
+
+
+def test_algorithm_choice():
+    """im2col for a 3-channel image, strided or 1x1 convolutions; shifted for many channels on
+    large images."""
+    big = K.conv_geometry("t", (64, 64), (3, 3), 1, 1, "same")
+    assert K.choose_algorithm(big, 3) == "im2col"
+    assert K.choose_algorithm(big, 32) == "shifted"
+    assert K.choose_algorithm(K.conv_geometry("t", (64, 64), (3, 3), 2, 1, "same"), 32) == "im2col"
+    assert K.choose_algorithm(K.conv_geometry("t", (64, 64), (1, 1), 1, 1, "same"), 32) == "im2col"
+    assert K.choose_algorithm(K.conv_geometry("t", (8, 8), (3, 3), 1, 1, "same"), 256) == "im2col"
+
+
+# --------------------------------------------------------------------------- transposed
+
+@st.composite
+def transpose_settings(draw):
+    s = dict(
+        n=draw(st.integers(1, 2)), h=draw(st.integers(1, 5)), w=draw(st.integers(1, 5)),
+        c_in=draw(st.integers(1, 3)), c_out=draw(st.integers(1, 3)),
+        kernel=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+        strides=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        dilation=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+        padding=draw(st.sampled_from(["valid", "same"])),
+    )
+    if draw(st.booleans()):
+        s["output_padding"] = (draw(st.integers(0, s["strides"][0] - 1)),
+                               draw(st.integers(0, s["strides"][1] - 1)))
+    else:
+        s["output_padding"] = None
+    try:
+        shapes.conv_transpose2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"],
+                                         s["dilation"], s["padding"], s["output_padding"])
+    except ValueError:
+        assume(False)
+    return s
+
+
+def transpose_args(s):
+    return s["strides"], s["dilation"], s["padding"], s["output_padding"]
+
+
+@with_device
+@given(s=transpose_settings())
+def test_transpose_forward_matches_reference(s, device):
+    rng = np.random.default_rng(4)
+    y = rng.standard_normal((s["n"], s["h"], s["w"], s["c_in"]))
+    w = rng.standard_normal((*s["kernel"], s["c_out"], s["c_in"]))      # Keras: (kh, kw, out, in)
+    b = rng.standard_normal(s["c_out"])
+    expected = K.conv2d_transpose_reference(y, w, b, *transpose_args(s))
+    out = K.conv2d_transpose_forward(to_device(y, device), to_device(w, device),
+                                     to_device(b, device), *transpose_args(s))
+    assert out.shape == K.conv2d_transpose_output_shape(y.shape, w.shape, *transpose_args(s))
+    assert rel_err(out, expected) < 1e-10
+
+
+@given(s=transpose_settings())
+def test_transpose_is_adjoint_of_forward_twin(s):
+    """<conv2d_transpose(y, w), z> = <y, conv2d(z, w)> with the forward twin's padding, and the
+    transposed backward returns exactly that conv2d (and conv2d's filter gradient)."""
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((s["n"], s["h"], s["w"], s["c_in"]))
+    w = rng.standard_normal((*s["kernel"], s["c_out"], s["c_in"]))
+    out = K.conv2d_transpose_forward(y, w, None, *transpose_args(s))
+    z = rng.standard_normal(out.shape)
+    _, pads = shapes.conv_transpose2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"],
+                                               s["dilation"], s["padding"], s["output_padding"])
+    twin = K.conv2d_forward(z, w, None, s["strides"], s["dilation"], pads)
+    assert twin.shape == y.shape
+    assert abs(np.vdot(out, z) - np.vdot(y, twin)) <= 1e-10 * max(1.0, abs(np.vdot(out, z)))
+    dy, dw, db = K.conv2d_transpose_backward(z, y, w, *transpose_args(s))
+    assert rel_err(dy, twin) < 1e-12
+    _, dw_twin, _ = K.conv2d_backward(y, z, w, s["strides"], s["dilation"], pads,
+                                      need_input=False)
+    assert rel_err(dw, dw_twin) < 1e-12
+    np.testing.assert_allclose(db, z.sum(axis=(0, 1, 2)))
+
+
+@given(s=transpose_settings())
+def test_transpose_gradients_match_central_differences(s):
+    assume(s["n"] * s["h"] * s["w"] * s["c_in"] <= 40)
+    rng = np.random.default_rng(6)
+    y = rng.standard_normal((s["n"], s["h"], s["w"], s["c_in"]))
+    w = rng.standard_normal((*s["kernel"], s["c_out"], s["c_in"]))
+    b = rng.standard_normal(s["c_out"])
+
+    def f(y_, w_, b_):
+        return K.conv2d_transpose_forward(y_, w_, b_, *transpose_args(s))
+
+    r, (dy_num, dw_num, db_num) = numerical_gradients(f, [y, w, b])
+    dy, dw, db = K.conv2d_transpose_backward(r, y, w, *transpose_args(s))
+    np.testing.assert_allclose(dy, dy_num, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw, dw_num, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, db_num, rtol=1e-6, atol=1e-8)
+
+
+def test_transpose_k2_s2_tiles_the_kernel(rng):
+    """The U-Net up-sampling: every input pixel becomes its own 2x2 block, w[:, :, :, in] . y."""
+    y = rng.standard_normal((2, 3, 4, 5))
+    w = rng.standard_normal((2, 2, 6, 5))
+    out = K.conv2d_transpose_forward(y, w, None, strides=2, padding="same")
+    assert out.shape == (2, 6, 8, 6)
+    blocks = np.einsum("nhwc,ijoc->nhiwjo", y, w).reshape(2, 6, 8, 6)
+    np.testing.assert_allclose(out, blocks, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strides=0), "stride"),
+    (dict(dilation=0), "dilation"),
+    (dict(dilation=(3, 1)), "conv2d_forward.*dilation 3"),        # 7 pixels > the 6 of 'valid'
+    (dict(padding="full"), "padding"),
+    (dict(padding=-1), "non-negative"),
+    (dict(algorithm="fft"), "algorithm"),
+    (dict(algorithm="shifted", strides=2), "shifted"),
+])
+def test_invalid_settings_raise(kwargs, message, rng):
+    x, w = rng.standard_normal((1, 6, 6, 2)), rng.standard_normal((3, 3, 2, 4))
+    with pytest.raises(ValueError, match=message):
+        K.conv2d_forward(x, w, **kwargs)
+
+
+def test_bad_shapes_and_dtypes_raise(rng):
+    x, w = rng.standard_normal((1, 6, 6, 2)), rng.standard_normal((3, 3, 2, 4))
+    with pytest.raises(ValueError, match=r"has 3 channels but the kernel of shape \(3, 3, 2, 4\)"):
+        K.conv2d_forward(rng.standard_normal((1, 6, 6, 3)), w)
+    with pytest.raises(ValueError, match=r"4-D \(N, H, W, C\)"):
+        K.conv2d_forward(x[0], w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        K.conv2d_forward(x, w, np.zeros(3))
+    with pytest.raises(TypeError, match="one dtype"):
+        K.conv2d_forward(x.astype(np.float32), w)
+    with pytest.raises(TypeError, match="floating"):
+        K.conv2d_forward(x.astype(np.int64), w.astype(np.int64))
+    with pytest.raises(ValueError, match=r"grad_y must have the output's shape \(1, 4, 4, 4\)"):
+        K.conv2d_backward(np.zeros((1, 4, 4, 3)), x, w)
+    with pytest.raises(ValueError, match="x_shape"):
+        K.conv2d_backward(np.zeros((1, 4, 4, 4)), None, w, need_filter=False)
+
+
+def test_transpose_bad_input_raises(rng):
+    y, w = rng.standard_normal((1, 4, 4, 2)), rng.standard_normal((3, 3, 5, 2))
+    with pytest.raises(ValueError, match="output_padding"):
+        K.conv2d_transpose_forward(y, w, strides=2, output_padding=2)
+    with pytest.raises(ValueError, match="'valid' or 'same'"):
+        K.conv2d_transpose_forward(y, w, padding=1)
+    with pytest.raises(ValueError, match=r"has 2 channels but the transposed kernel of shape "
+                                         r"\(3, 3, 2, 5\) \(kh, kw, out, in\) expects 5"):
+        K.conv2d_transpose_forward(y, rng.standard_normal((3, 3, 2, 5)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        K.conv2d_transpose_forward(y, w, np.zeros(2))

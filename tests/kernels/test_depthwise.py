@@ -1,0 +1,169 @@
+"""kernels.depthwise: fast kernels against the loops, gradients against central differences,
+Keras' channel order, and bad input."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from kernels import conv2d as K
+from kernels import depthwise as D
+from kernels import shapes
+from kernels.backend import to_device, to_numpy
+
+with_device = settings(suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                              HealthCheck.too_slow, HealthCheck.data_too_large])
+
+paddings = st.one_of(
+    st.sampled_from(["valid", "same"]),
+    st.integers(0, 2),
+    st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)),
+              st.tuples(st.integers(0, 2), st.integers(0, 2))),
+)
+
+
+@st.composite
+def depthwise_settings(draw, max_size=9):
+    s = dict(
+        n=draw(st.integers(1, 2)), h=draw(st.integers(1, max_size)),
+        w=draw(st.integers(1, max_size)), c=draw(st.integers(1, 4)), m=draw(st.integers(1, 3)),
+        kernel=(draw(st.integers(1, 5)), draw(st.integers(1, 5))),
+        strides=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        padding=draw(paddings),
+    )
+    try:
+        shapes.conv2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"], s["dilation"],
+                               s["padding"])
+    except ValueError:
+        assume(False)
+    return s
+
+
+def arrays(rng, s):
+    x = rng.standard_normal((s["n"], s["h"], s["w"], s["c"]))
+    w = rng.standard_normal((*s["kernel"], s["c"], s["m"]))
+    b = rng.standard_normal(s["c"] * s["m"])
+    return x, w, b
+
+
+def settings_of(s):
+    return s["strides"], s["dilation"], s["padding"]
+
+
+def rel_err(a, b):
+    a, b = to_numpy(a), to_numpy(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+@with_device
+@given(s=depthwise_settings())
+def test_forward_matches_reference(s, device):
+    x, w, b = arrays(np.random.default_rng(0), s)
+    expected = D.depthwise_conv2d_reference(x, w, b, *settings_of(s))
+    y = D.depthwise_conv2d_forward(to_device(x, device), to_device(w, device),
+                                   to_device(b, device), *settings_of(s))
+    assert rel_err(y, expected) < 1e-10
+
+
+@with_device
+@given(s=depthwise_settings())
+def test_backward_matches_reference(s, device):
+    rng = np.random.default_rng(1)
+    x, w, _ = arrays(rng, s)
+    gy = rng.standard_normal(D.depthwise_conv2d_reference(x, w, None, *settings_of(s)).shape)
+    expected = D.depthwise_conv2d_backward_reference(x, w, gy, *settings_of(s))
+    xd, wd, gd = (to_device(a, device) for a in (x, w, gy))
+    got = D.depthwise_conv2d_backward(gd, xd, wd, *settings_of(s))
+    for a, e in zip(got, expected):
+        assert rel_err(a, e) < 1e-10
+    assert rel_err(D.depthwise_conv2d_backward_input(gd, wd, x.shape, *settings_of(s)),
+                   expected[0]) < 1e-10
+    dw, db = D.depthwise_conv2d_backward_filter(xd, gd, w.shape, *settings_of(s))
+    assert rel_err(dw, expected[1]) < 1e-10 and rel_err(db, expected[2]) < 1e-10
+
+
+@given(s=depthwise_settings(max_size=5))
+def test_gradients_match_central_differences(s):
+    assume(s["n"] * s["h"] * s["w"] * s["c"] <= 60)
+    rng = np.random.default_rng(2)
+    x, w, b = arrays(rng, s)
+    r = rng.standard_normal(D.depthwise_conv2d_forward(x, w, b, *settings_of(s)).shape)
+
+    def loss(x_, w_, b_):
+        return np.sum(D.depthwise_conv2d_forward(x_, w_, b_, *settings_of(s)) * r)
+
+    dx, dw, db = D.depthwise_conv2d_backward(r, x, w, *settings_of(s))
+    eps = 1e-6
+    for k, (value, analytic) in enumerate(zip((x, w, b), (dx, dw, db))):
+        numeric = np.zeros_like(value)
+        for idx in np.ndindex(value.shape):
+            plus, minus = [x.copy(), w.copy(), b.copy()], [x.copy(), w.copy(), b.copy()]
+            plus[k][idx] += eps
+            minus[k][idx] -= eps
+            numeric[idx] = (loss(*plus) - loss(*minus)) / (2 * eps)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@given(s=depthwise_settings())
+def test_equals_a_block_diagonal_conv2d(s):
+    """Depthwise = conv2d with a kernel that is zero between different channels; output channel
+    c*M + m reads input channel c only (Keras / TensorFlow order)."""
+    x, w, _ = arrays(np.random.default_rng(3), s)
+    c, m = s["c"], s["m"]
+    full = np.zeros((*s["kernel"], c, c * m))
+    for ch in range(c):
+        full[:, :, ch, ch * m:(ch + 1) * m] = w[:, :, ch, :]
+    expected = K.conv2d_forward(x, full, None, *settings_of(s))
+    assert rel_err(D.depthwise_conv2d_forward(x, w, None, *settings_of(s)), expected) < 1e-10
+
+
+def test_output_channel_order_is_keras(rng):
+    """Channel 1 with multiplier 1 (of 2) lands at output index 1*2 + 1 = 3."""
+    x = np.zeros((1, 3, 3, 2))
+    x[0, 1, 1, 1] = 1.0                       # a single 1 in channel 1
+    w = np.zeros((1, 1, 2, 2))
+    w[0, 0, 1, 1] = 5.0
+    y = D.depthwise_conv2d_forward(x, w)
+    assert y.shape == (1, 3, 3, 4)
+    assert y[0, 1, 1, 3] == 5.0 and np.count_nonzero(y) == 1
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "same"), (1, "valid"), (2, "same"), (2, "valid")])
+def test_results_never_share_reused_buffers(strides, padding, rng):
+    """A second call must not change what the first returned (the kernels reuse temporaries)."""
+    x1, x2 = rng.standard_normal((2, 2, 7, 7, 3))
+    for kernel in ((3, 3), (1, 1)):
+        w = rng.standard_normal((*kernel, 3, 2))
+        y1 = D.depthwise_conv2d_forward(x1, w, None, strides, 1, padding)
+        dx1, dw1, _ = D.depthwise_conv2d_backward(y1, x1, w, strides, 1, padding)
+        saved = [a.copy() for a in (y1, dx1, dw1)]
+        y2 = D.depthwise_conv2d_forward(x2, w, None, strides, 1, padding)
+        D.depthwise_conv2d_backward(-y2, x2, w, strides, 1, padding)
+        for before, after in zip(saved, (y1, dx1, dw1)):
+            np.testing.assert_array_equal(before, after)
+
+
+def test_float32_stays_float32(rng, device):
+    x = to_device(rng.standard_normal((2, 9, 9, 5)).astype(np.float32), device)
+    w = to_device(rng.standard_normal((3, 3, 5, 2)).astype(np.float32), device)
+    y = D.depthwise_conv2d_forward(x, w, padding="same", strides=2)
+    assert y.dtype == np.float32 and y.shape == (2, 5, 5, 10)
+    for grad in D.depthwise_conv2d_backward(y, x, w, padding="same", strides=2):
+        assert grad.dtype == np.float32
+
+
+def test_bad_input_raises(rng):
+    x, w = rng.standard_normal((1, 6, 6, 2)), rng.standard_normal((3, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"has 3 channels but the depthwise kernel"):
+        D.depthwise_conv2d_forward(rng.standard_normal((1, 6, 6, 3)), w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        D.depthwise_conv2d_forward(x, w, np.zeros(2))
+    with pytest.raises(ValueError, match="stride"):
+        D.depthwise_conv2d_forward(x, w, strides=0)
+    with pytest.raises(ValueError, match="depthwise_conv2d_forward.*kernel of size 7"):
+        D.depthwise_conv2d_forward(x, rng.standard_normal((7, 1, 2, 1)))
+    with pytest.raises(TypeError, match="one dtype"):
+        D.depthwise_conv2d_forward(x.astype(np.float32), w)
+    with pytest.raises(ValueError, match=r"grad_y must have the output's shape"):
+        D.depthwise_conv2d_backward(np.zeros((1, 4, 4, 2)), x, w)

@@ -12,7 +12,8 @@ Rules (per spatial axis, ``k_eff = (k - 1) * d + 1`` the dilated kernel extent):
             without output_padding: 'valid' -> n * s + max(k_eff - s, 0), 'same' -> n * s;
             with output_padding p:  (n - 1) * s + k_eff - 2 * pad + p, pad = k_eff // 2 for 'same'
             and 0 for 'valid'. Its padding is the padding of the forward convolution that maps
-            the transposed output back to the transposed input.
+            the transposed output back to the transposed input: the 'same' rule on the output
+            without output_padding, and before = max(k_eff // 2 - ceil(p / 2), 0) with it.
 """
 from __future__ import annotations
 
@@ -162,16 +163,19 @@ def conv_transpose2d_geometry(in_hw, kernel_hw, strides=(1, 1), dilation=(1, 1),
         args = (kernel_hw[axis], strides[axis], dilation[axis])
         length = conv_transpose_output_length(in_hw[axis], *args, padding=padding,
                                               output_padding=op)
-        before, after = conv_padding_1d(length, *args, padding=padding)
-        # The forward convolution of ``length`` must land back on ``in_hw``; any surplus rows at
-        # the end (from output_padding) are never read by it and receive zeros.
-        forward = (length + before + after - dilated_extent(kernel_hw[axis], dilation[axis]))
-        forward = forward // strides[axis] + 1
-        if forward > in_hw[axis]:
+        extent = dilated_extent(kernel_hw[axis], dilation[axis])
+        if padding == "same" and op is not None:
+            # Keras' rule (its JAX and PyTorch backends; TensorFlow agrees where it is defined)
+            before = max(extent // 2 - math.ceil(op / 2), 0)
+        else:
+            before = conv_padding_1d(length, *args, padding=padding)[0]
+        # The forward twin maps ``length`` back onto ``in_hw``; surplus rows at the end (from
+        # output_padding) are never read by it and receive zeros.
+        after = max((in_hw[axis] - 1) * strides[axis] + extent - length - before, 0)
+        if (length + before + after - extent) // strides[axis] + 1 != in_hw[axis]:
             raise ValueError(f"transposed convolution settings are inconsistent on axis {axis}: "
                              f"input {in_hw[axis]}, kernel {kernel_hw[axis]}, stride "
                              f"{strides[axis]}, output_padding {op}")
-        after += (in_hw[axis] - forward) * strides[axis]
         out.append(length)
         pads.append((before, after))
     return tuple(out), tuple(pads)

@@ -71,8 +71,10 @@ def test_max_pool_gradient(setting, seed):
     x = distinct_values(rng, shape)
     y, argmax = P.max_pool2d_forward(x, pool, strides, padding)
     projection = rng.standard_normal(y.shape)
+    # max pooling is linear between reorderings (values 0.1 apart): a step of 1e-3 is exact and
+    # keeps the roundoff of the projected sums far below the tolerance
     numeric = numerical_grad(lambda v: P.max_pool2d_forward(v, pool, strides, padding)[0], x,
-                             projection)
+                             projection, eps=1e-3)
     analytic = P.max_pool2d_backward(projection, argmax, shape, pool, strides, padding)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 

@@ -133,3 +133,31 @@ def test_invalid_transpose_settings_raise(kwargs, message):
         shapes.conv_transpose2d_geometry((4, 4), (3, 3), settings["strides"],
                                          settings["dilation"], settings["padding"],
                                          settings["output_padding"])
+
+
+def _keras_jax_left_pad(kernel, stride, dilation, padding, output_padding):
+    """Keras 3's padding of the stride-dilated input in its JAX conv_transpose (documented rule)."""
+    extent = (kernel - 1) * dilation + 1
+    if padding == "valid":
+        return extent - 1
+    pad_len = stride + extent - 2 if output_padding is None else \
+        extent + extent % 2 - 2 + output_padding
+    return min(pad_len // 2 + pad_len % 2, extent - 1)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5])
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("op", [None, 0, 1, 2])
+def test_transposed_padding_matches_keras(n, kernel, stride, padding, op):
+    if op is not None and op >= stride:
+        with pytest.raises(ValueError, match="output_padding"):
+            shapes.conv_transpose2d_geometry((n, n), kernel, stride, 1, padding, op)
+        return
+    try:
+        _, ((before, _), _) = shapes.conv_transpose2d_geometry((n, n), kernel, stride, 1, padding, op)
+    except ValueError:
+        return     # settings Keras itself cannot map back (documented as inconsistent)
+    # the forward twin's top padding is the kernel extent minus one minus Keras' dilated-input pad
+    assert before == kernel - 1 - _keras_jax_left_pad(kernel, stride, 1, padding, op)

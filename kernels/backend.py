@@ -5,10 +5,16 @@ runs unchanged on NumPy (CPU) or CuPy (NVIDIA GPU) arrays. CuPy is imported lazi
 first question about the GPU, so importing ``kernels`` never imports it.
 
 The default device comes from the environment variable ``MINICNN_DEVICE`` ("cpu", "gpu" or
-"auto"; unset means "cpu").
+"auto"; unset means "cpu"). On CuPy arrays, a few kernels hand over to the hand-written CUDA
+kernels of ``kernels/cuda``; ``MINICNN_CUDA_KERNELS=0`` (or ``with array_code_only():``) keeps
+them on their array code instead, which is how the benchmarks compare the two.
+
+Besides the switch, the few operations whose CuPy spelling differs from NumPy's live here:
+``scatter_add`` (``np.add.at``) and ``device_generator`` (random numbers drawn on the GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -105,3 +111,66 @@ def to_device(array, device: str | None = None):
 def to_numpy(array) -> np.ndarray:
     """A host (NumPy) view or copy of any array."""
     return array.get() if is_gpu_array(array) else np.asarray(array)
+
+
+# -- CUDA kernels or array code -------------------------------------------------------------------
+_cuda_kernels = os.environ.get("MINICNN_CUDA_KERNELS", "1").strip().lower() not in ("0", "false",
+                                                                                   "no", "off")
+
+
+def cuda_kernels_enabled() -> bool:
+    """Whether kernels run CuPy arrays through the CUDA kernels of ``kernels/cuda`` (the
+    default; ``MINICNN_CUDA_KERNELS=0`` turns them off) rather than through their array code."""
+    return _cuda_kernels
+
+
+@contextlib.contextmanager
+def array_code_only():
+    """Within this block, CuPy arrays run through the kernels' array code (NumPy's code on
+    CuPy), not the CUDA kernels: the twin a benchmark or a test compares them with."""
+    global _cuda_kernels
+    previous, _cuda_kernels = _cuda_kernels, False
+    try:
+        yield
+    finally:
+        _cuda_kernels = previous
+
+
+# -- operations spelled differently on CuPy -------------------------------------------------------
+def scatter_add(target, index, values) -> None:
+    """``target[index] += values`` in place, adding every repeat of an index (``np.add.at``).
+
+    CuPy: ``cupy.add.at`` (CuPy >= 12), else ``cupyx.scatter_add``. Both use atomics: float
+    sums come in no fixed order, so their last bits may change from run to run; float32,
+    float64, int32 and uint64 targets are supported (not int64)."""
+    if not is_gpu_array(target):
+        np.add.at(target, index, values)
+        return
+    cp = _import_cupy()
+    if hasattr(cp.add, "at"):
+        cp.add.at(target, index, values)
+    else:
+        import cupyx  # ships with CuPy; imported here only, like cupy itself
+        cupyx.scatter_add(target, index, values)
+
+
+class DeviceGenerator:
+    """Uniform random numbers drawn on the GPU: ``random(size, dtype)`` as
+    ``numpy.random.Generator.random``, from CuPy's cuRAND generator seeded with ``seed``."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._state = cupy_module().random.RandomState(self.seed)
+
+    def random(self, size=None, dtype=np.float64):
+        """Floats in [0, 1) of shape ``size``, float32 or float64, as a CuPy array."""
+        return self._state.random_sample(size=size, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"DeviceGenerator(seed={self.seed})"
+
+
+def device_generator(seed: int) -> DeviceGenerator:
+    """A GPU random generator seeded with ``seed`` (an int in [0, 2**63)); RuntimeError without
+    CuPy and a GPU."""
+    return DeviceGenerator(seed)

@@ -19,6 +19,10 @@ Numerics follow Keras 3 (``keras/src/backend/*/nn.py``, ``keras/src/losses/losse
 (``reduce_weighted_values``, ``apply_mask``, ``reduce_values``).
 The ``*_reference`` twins are plain loops over positions and classes that read like the
 formulas; they run on NumPy only and are what the tests hold the fast kernels to.
+
+On CuPy arrays, sparse categorical cross-entropy from logits (forward and backward) runs the
+fused CUDA kernel of ``kernels.cuda`` (same arguments, same ``(values, saved)``; see
+``kernels.backend.cuda_kernels_enabled``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import math
 
 import numpy as np
 
-from kernels.backend import get_array_module
+from kernels import cuda
+from kernels.backend import cuda_kernels_enabled, get_array_module
 
 EPSILON = 1e-7          # keras.backend.epsilon()
 REDUCTIONS = ("sum_over_batch_size", "sum", "none", "mean", "mean_with_sample_weight")
@@ -217,6 +222,9 @@ def sparse_categorical_crossentropy_forward(labels, output, from_logits, class_w
     get value 0 and gradient 0, whatever their label and output.
     """
     xp = get_array_module(output)
+    if xp is not np and from_logits and cuda_kernels_enabled():
+        return cuda.sparse_categorical_crossentropy_forward_gpu(labels, output, from_logits,
+                                                                class_weight, valid)
     dtype = output.dtype
     if valid is not None:
         labels = xp.where(valid, labels, 0)
@@ -243,6 +251,8 @@ def sparse_categorical_crossentropy_backward(grad, saved):
     """logits: g w[y] (softmax - one_hot(y));  probabilities: dL/dq_y = -w[y] / p_y (if unclipped),
     then through q = y / sum(y)."""
     from_logits, labels, q, s, clipped, weight = saved
+    if get_array_module(q) is not np and from_logits and cuda_kernels_enabled():
+        return cuda.sparse_categorical_crossentropy_backward_gpu(grad, saved)
     g = grad if weight is None else grad * weight
     target = one_hot(labels, q.shape[-1], q.dtype)
     if from_logits:

@@ -23,6 +23,10 @@ How the fast kernels run (NumPy; CuPy takes the whole array at once):
 - Sums are per block in the array's dtype, then over blocks and over B in float64, always in the
   same order: deterministic, and float32 error grows with the block's rows, not with N*H*W.
 ``*_reference`` twins loop over channels and values.
+
+On CuPy arrays the training forward, the inference forward and the backward run the CUDA
+kernels of ``kernels.cuda`` (same arguments, same results; see
+``kernels.backend.cuda_kernels_enabled``).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kernels.backend import get_array_module
+from kernels import cuda
+from kernels.backend import cuda_kernels_enabled, get_array_module
 
 BLOCK_BYTES = 2 << 20         # about 2 MiB of rows per block: in cache with the block's twins
 
@@ -123,6 +128,8 @@ def batch_norm_forward_training(x, gamma=None, beta=None, epsilon=1e-3):
     """
     gamma, beta = _check("batch_norm", x, gamma, beta, epsilon)
     xp = get_array_module(x)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.batch_norm_forward_training_gpu(x, gamma, beta, epsilon)
     m = _count(x)
     rows, b = _rows(x)
     blocks = _blocks(rows)
@@ -156,6 +163,9 @@ def batch_norm_forward_inference(x, moving_mean, moving_var, gamma=None, beta=No
     (Keras' ``ops.batch_normalization``). x: (..., C); the rest (C,)."""
     gamma, beta = _check("batch_norm (inference)", x, gamma, beta, epsilon)
     xp = get_array_module(x)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.batch_norm_forward_inference_gpu(x, moving_mean, moving_var, gamma, beta,
+                                                     epsilon)
     moving_mean = _param("batch_norm (inference)", x, moving_mean, "moving_mean")
     moving_var = _param("batch_norm (inference)", x, moving_var, "moving_variance")
     scale = 1 / xp.sqrt(moving_var + epsilon)
@@ -203,6 +213,8 @@ def batch_norm_backward(dy, x_centered, inv_std, gamma=None):
         raise ValueError(f"batch_norm_backward: dy of shape {tuple(dy.shape)} vs x_centered of "
                          f"shape {tuple(x_centered.shape)}")
     xp = get_array_module(dy, x_centered)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.batch_norm_backward_gpu(dy, x_centered, inv_std, gamma)
     m = _count(dy)
     dy_rows, b = _rows(dy)
     centered, _ = _rows(x_centered)

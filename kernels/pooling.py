@@ -22,6 +22,10 @@ The fast kernels loop only over window offsets (ph*pw) or up-sampling phases (sh
 on strided views of whole arrays. When windows tile the image exactly (stride == pool size, no
 padding, H and W multiples of the pool: MaxPooling2D(2) on even sizes), max and average pooling
 take a reshape-based path. Each ``*_reference`` twin loops over every output value.
+
+On CuPy arrays, max pooling's forward and up-sampling (both ways) run the CUDA kernels of
+``kernels.cuda`` (same arguments, same results; see ``kernels.backend.cuda_kernels_enabled``);
+max pooling's backward stays array code, which is as fast there.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import math
 
 import numpy as np
 
-from kernels.backend import get_array_module
+from kernels import cuda
+from kernels.backend import cuda_kernels_enabled, get_array_module
 from kernels.shapes import normalize_tuple, pool2d_geometry
 
 # -- geometry helpers -----------------------------------------------------------------------------
@@ -129,6 +134,8 @@ def max_pool2d_forward(x, pool_size=(2, 2), strides=None, padding="valid", retur
     _check_images("max_pool2d", x)
     pool, strides, out_hw, pads = _geometry("max_pool2d", x.shape, pool_size, strides, padding)
     xp = get_array_module(x)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.max_pool2d_forward_gpu(x, pool_size, strides, padding, return_argmax)
     if _tiles_exactly(x.shape, pool, strides, out_hw, pads):
         x6 = _tiles(x, pool, out_hw)
         y = _reduce_tiles(x6, xp.maximum)
@@ -355,10 +362,12 @@ def upsample2d_forward(x, size=(2, 2), interpolation="nearest"):
     """
     _check_images("upsample2d", x)
     (sh, sw), interpolation = _check_upsample("upsample2d", size, interpolation)
+    xp = get_array_module(x)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.upsample2d_forward_gpu(x, (sh, sw), interpolation)
     if sh == sw == 1:
         return x.copy()
     if interpolation == "nearest":
-        xp = get_array_module(x)
         n, h, w, c = x.shape
         y = xp.broadcast_to(x[:, :, None, :, None, :], (n, h, sh, w, sw, c))
         return y.reshape(n, h * sh, w * sw, c)
@@ -378,8 +387,11 @@ def upsample2d_backward(dy, size=(2, 2), interpolation="nearest"):
     if H % sh or W % sw:
         raise ValueError(f"upsample2d_backward: dy of shape {tuple(dy.shape)} is not a multiple of "
                          f"size {(sh, sw)}")
+    xp = get_array_module(dy)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.upsample2d_backward_gpu(dy, (sh, sw), interpolation)
     if interpolation == "nearest":
-        return _reduce_tiles(_tiles(dy, (sh, sw), (H // sh, W // sw)), get_array_module(dy).add)
+        return _reduce_tiles(_tiles(dy, (sh, sw), (H // sh, W // sw)), xp.add)
     return _lerp_axis_backward(_lerp_axis_backward(dy, 1, sh), 2, sw)
 
 

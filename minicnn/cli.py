@@ -107,16 +107,31 @@ class OneHotTargets:
         return self.loss(one_hot, y_pred, sample_weight=sample_weight)
 
 
-def make_loss(name):
-    """The loss of ``--loss``, for softmax logits and integer masks."""
+def make_loss(name, class_weight=None):
+    """The loss of ``--loss``, for softmax logits and integer masks; ``class_weight`` (one
+    number per class) weights the cross-entropy terms."""
     from minicnn import losses
     if name == "sparse_ce":
-        return losses.SparseCategoricalCrossentropy(from_logits=True)
+        return losses.SparseCategoricalCrossentropy(from_logits=True, class_weight=class_weight)
     if name == "focal":
-        return OneHotTargets(losses.CategoricalFocalCrossentropy(from_logits=True))
+        return OneHotTargets(losses.CategoricalFocalCrossentropy(
+            from_logits=True, alpha=0.25 if class_weight is None else class_weight))
     if name == "dice":
         return losses.CEDice(from_logits=True, ce_weight=0.0, dice_weight=1.0)
-    return losses.CEDice(from_logits=True)
+    return losses.CEDice(from_logits=True, class_weight=class_weight)
+
+
+def parse_class_weight(text, num_classes):
+    """'1,1,3' -> [1.0, 1.0, 3.0] (one weight per class), or None."""
+    if text is None:
+        return None
+    try:
+        weights = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--class-weight must be numbers separated by commas, got {text!r}") from None
+    if len(weights) != num_classes or min(weights) < 0:
+        raise UsageError(f"--class-weight needs {num_classes} non-negative numbers, got {text!r}")
+    return weights
 
 
 def train(args) -> int:
@@ -130,7 +145,7 @@ def train(args) -> int:
     model = build_model(args, num_classes)
     crop = min(args.crop, *train_set[0].shape[1:3])
     model.compile(optimizer=optimizers.get(args.optimizer, learning_rate=args.lr),
-                  loss=make_loss(args.loss), metrics=["pixel_accuracy"])
+                  loss=make_loss(args.loss, parse_class_weight(args.class_weight, num_classes)), metrics=["pixel_accuracy"])
     model.build((None, crop, crop, train_set[0].shape[-1]))
     model.to(device)
     os.makedirs(args.out, exist_ok=True)
@@ -353,6 +368,8 @@ def make_parser() -> Parser:
     run.add_argument("--depth", type=int, default=3)
     run.add_argument("--padding", default="same", choices=["same", "valid"])
     run.add_argument("--loss", default="sparse_ce", choices=["sparse_ce", "focal", "dice", "ce_dice"])
+    run.add_argument("--class-weight", default=None,
+                     help="one loss weight per class, e.g. 1,1,3 to stress nucleus borders")
     run.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"])
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)

@@ -21,7 +21,7 @@ class GradcheckError(AssertionError):
     """The analytic and numerical gradients disagree."""
 
 
-def gradcheck(fn, *arrays, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1e-4,
+def gradcheck(fn, *arrays, eps: float = 1e-6, atol: float = 1e-7, rtol: float = 1e-6,
               max_elements: int = 512, directions: int = 16, seed: int = 0,
               names=None) -> bool:
     """Check the autograd gradient of ``fn`` with respect to every floating-point input.

@@ -9,7 +9,8 @@ Inputs: y_true integer masks ``(N, H, W)`` or ``(N, H, W, 1)``; y_pred any of
   (``from_logits=True``), Keras' BinaryIoU rule;
 - integer masks of y_true's shape.
 Tensors or arrays, NumPy or CuPy. The statistics (a confusion matrix, or two sums) accumulate ON
-THE ARRAYS' DEVICE (``xp.bincount``); only ``result()`` reads them back.
+THE ARRAYS' DEVICE (``pair_counts``); only ``result()`` reads them back, and ``update_state``
+reads one flag (whether any class id is out of range) to raise at once.
 sample_weight: a scalar, one weight per image ``(N,)``, or a per-pixel map of y_true's shape.
 ignore_class: pixels whose true label equals it are left out (Keras' ``ignore_class``).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from kernels import backend
 from minicnn.tensor import Tensor
 
-__all__ = ["Metric", "PixelAccuracy", "MeanIoU", "DiceCoefficient", "get"]
+__all__ = ["Metric", "PixelAccuracy", "MeanIoU", "DiceCoefficient", "get", "pair_counts"]
 
 EPSILON = 1e-7   # keras.backend.epsilon(), as in keras.metrics.MeanIoU.result
 
@@ -87,6 +88,22 @@ def pixel_weights(sample_weight, shape, xp, where="metric"):
     except ValueError:
         raise ValueError(f"{where}: sample_weight of shape {tuple(w.shape)} does not broadcast "
                          f"to the masks of shape {tuple(shape)}") from None
+
+
+def pair_counts(index, weights, size):
+    """counts[k] = sum of ``weights`` (1 each when None) over the positions where index == k,
+    for 0 <= k < size (ids already checked): float64 (size,), on the arrays' device.
+
+    NumPy: ``bincount``. CuPy: a scatter-add into a fixed-size array, because ``cupy.bincount``
+    reads max(index) back to size its result (a device sync per call).
+    """
+    xp = backend.get_array_module(index)
+    if xp is np:
+        return np.bincount(index, weights=weights, minlength=size).astype(np.float64)
+    counts = xp.zeros(size, dtype=xp.float64)
+    backend.scatter_add(counts, index, xp.ones(index.shape, xp.float64) if weights is None
+                        else weights.astype(xp.float64, copy=False))
+    return counts
 
 
 class Metric:
@@ -219,8 +236,7 @@ class _ConfusionMatrixMetric(Metric):
             raise ValueError(f"{where}: {which} holds class id {int(backend.to_numpy(ids)[0])}, "
                              f"outside [0, {n}) (num_classes={n})")
         index = (true * n + pred).ravel()
-        counts = xp.bincount(index, weights=None if w is None else w.ravel(), minlength=n * n)
-        counts = counts.astype(xp.float64).reshape(n, n)
+        counts = pair_counts(index, None if w is None else w.ravel(), n * n).reshape(n, n)
         self._cm = counts if self._cm is None else _on_device(self._cm, counts) + counts
 
     def confusion_matrix(self) -> np.ndarray:

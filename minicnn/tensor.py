@@ -13,6 +13,7 @@ as soon as its backward has run.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import weakref
 
 import numpy as np
@@ -185,18 +186,26 @@ class Tensor:
         return len(self.data)
 
     def numpy(self) -> np.ndarray:
-        """A host (NumPy) copy of the data."""
-        return np.array(backend.to_numpy(self.data))
+        """A host (NumPy) copy of the data (one device-to-host copy for a GPU tensor)."""
+        if backend.is_gpu_array(self.data):
+            return self.data.get()
+        return np.array(self.data)
 
     def item(self) -> float:
         return self.data.item()
 
     def to(self, device: str) -> "Tensor":
-        """This tensor on ``device`` ('cpu' or 'gpu'); a leaf keeps requires_grad."""
-        data = backend.to_device(self.data, device)
-        if data is self.data:
+        """This tensor on ``device`` ('cpu', 'gpu' or 'auto'); itself when it is there already.
+
+        A leaf gives a new leaf (same requires_grad and name, no grad): move weights before
+        building the graph. A computed tensor gives a differentiable copy: its gradient flows
+        back to this device (``minicnn.functions.math.ToDevice``).
+        """
+        if backend.device_of(self.data) == backend.check_device(device):
             return self
-        return Tensor(data, requires_grad=self.requires_grad and self.creator is None,
+        if self.creator is not None:
+            return _math.to_device(self, device)
+        return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad,
                       name=self.name)
 
     def __repr__(self) -> str:
@@ -241,12 +250,21 @@ class Tensor:
 def as_tensor(value, like: Tensor | None = None) -> Tensor:
     """A Tensor as it is; an array or Python number as a constant Tensor.
 
-    A Python number takes the dtype of ``like`` so that ``x * 2`` stays float32.
+    With ``like``, a Python number (or list) takes like's dtype, so that ``x * 2`` stays
+    float32, and like's device; so does a NumPy scalar (``x / np.sqrt(2)``), keeping its own
+    dtype. A number becomes a device array by a fill, without a host-to-device copy. Arrays
+    stay where they are (mixing devices is an error of the operation).
     """
     if isinstance(value, Tensor):
         return value
-    if like is not None and not hasattr(value, "dtype"):
-        xp = backend.get_array_module(like.data)
+    if like is None:
+        return Tensor(value)
+    xp = backend.get_array_module(like.data)
+    if isinstance(value, numbers.Number) and not isinstance(value, np.generic):
+        return Tensor(xp.full((), value, dtype=like.dtype))
+    if isinstance(value, np.generic):
+        return Tensor(xp.full((), value, dtype=value.dtype))
+    if not hasattr(value, "dtype"):
         return Tensor(xp.asarray(value, dtype=like.dtype))
     return Tensor(value)
 

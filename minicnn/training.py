@@ -57,6 +57,15 @@ def array_batches(x, y, batch_size: int, shuffle: bool):
         yield x[index], (None if y is None else y[index])
 
 
+def _read_back(scalars) -> list:
+    """Python floats of 0-d arrays (the losses of the last steps), read from the device with one
+    copy for the lot rather than one wait per value."""
+    xp = backend.get_array_module(*scalars)
+    if xp is np:
+        return [float(v) for v in scalars]
+    return backend.to_numpy(xp.stack(scalars)).tolist()
+
+
 def _check_xy(x, y, where: str):
     if y is not None and len(x) != len(y):
         raise ValueError(f"{where}: x has {len(x)} samples but y has {len(y)}")
@@ -86,14 +95,15 @@ class Trainer:
         if self.loss is None:
             raise RuntimeError(f"{what}: call model.compile(optimizer, loss, metrics) first")
 
-    def _to_model_device(self, array):
-        return backend.to_device(_host(array), self.device)
+    def _to_model_device(self, array, device=None):
+        return backend.to_device(_host(array), self.device if device is None else device)
 
     def train_step(self, x, y, sample_weight=None):
         """One optimisation step on one batch; returns the loss Tensor (not read back)."""
-        x, y = self._to_model_device(x), self._to_model_device(y)
+        device = self.device
+        x, y = self._to_model_device(x, device), self._to_model_device(y, device)
         if sample_weight is not None:
-            sample_weight = self._to_model_device(sample_weight)
+            sample_weight = self._to_model_device(sample_weight, device)
         output = self(x, training=True)
         loss = self.loss(y, output, sample_weight=sample_weight)
         self.zero_grad()
@@ -173,7 +183,7 @@ class Trainer:
                 pending.append(self.train_step(xb, yb, sw).data)
                 global_step += 1
                 if len(pending) >= log_every:
-                    values = [float(v) for v in pending]
+                    values = _read_back(pending)
                     for offset, value in enumerate(values):
                         if not math.isfinite(value):
                             bad_step = global_step - len(values) + offset + 1
@@ -191,7 +201,7 @@ class Trainer:
                 for cb in callbacks:
                     cb.on_batch_end(step)
             if pending:
-                values = [float(v) for v in pending]
+                values = _read_back(pending)
                 if not all(math.isfinite(v) for v in values):
                     raise NonFiniteLossError(f"fit: the loss became non-finite in the last "
                                              f"{len(values)} steps of epoch {epoch + 1}; last "
@@ -220,21 +230,26 @@ class Trainer:
         return history
 
     def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False):
-        """Loss and metrics over (x, y) in inference mode, batch-size weighted."""
+        """Loss and metrics over (x, y) in inference mode, batch-size weighted.
+
+        The weighted sum of the losses stays on the model's device (float64) until the end."""
         self._require_compiled("evaluate")
         x, y = _host(x), _host(y)
         _check_xy(x, y, "evaluate")
         saved = self.compiled_metrics
         self.compiled_metrics = [type(m).from_config(m.get_config()) for m in saved]
-        total, count = 0.0, 0
+        device = self.device
+        total, count = None, 0
         with no_grad():
             for xb, yb in array_batches(x, y, batch_size, shuffle=False):
-                xb, yb = self._to_model_device(xb), self._to_model_device(yb)
+                xb, yb = self._to_model_device(xb, device), self._to_model_device(yb, device)
                 output = self(xb, training=False)
-                total += float(self.loss(yb, output).data) * len(xb)
+                weighted = self.loss(yb, output).data.astype(np.float64) * len(xb)
+                total = weighted if total is None else total + weighted
                 count += len(xb)
                 self._update_metrics(yb, output)
-        logs = {"loss": total / max(count, 1), **self._metric_logs()}
+        mean_loss = 0.0 if total is None else float(total) / max(count, 1)
+        logs = {"loss": mean_loss, **self._metric_logs()}
         self.compiled_metrics = saved
         if return_dict:
             return logs
@@ -244,10 +259,11 @@ class Trainer:
     def predict(self, x, batch_size=32, verbose=0):
         """The model's outputs for x, batched, in inference mode, as a NumPy array."""
         x = _host(x)
+        device = self.device
         outputs = []
         with no_grad():
             for xb, _ in array_batches(x, None, batch_size, shuffle=False):
-                outputs.append(backend.to_numpy(self(self._to_model_device(xb)).data))
+                outputs.append(backend.to_numpy(self(self._to_model_device(xb, device)).data))
         return np.concatenate(outputs, axis=0)
 
 

@@ -9,12 +9,17 @@
     log_softmax(x, axis=-1)   z = x - log sum exp(x)             dx = g - exp(z) sum(g)
     relu(x, negative_slope, max_value, threshold)   Keras' general ReLU (see ``GeneralReLU``)
     dropout(x, rate)          y = x * mask, mask = [u >= rate] / (1 - rate)   dx = g * mask
+
+On the GPU, dropout draws its mask there, from a CuPy generator seeded once from the NumPy
+generator it was given (``device_generator_for``): a GPU run repeats under ``minicnn.seed(n)``,
+though with other masks than the CPU run.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from kernels import activations as K
+from kernels import backend
 from kernels.backend import get_array_module
 from minicnn.tensor import Function, as_tensor
 
@@ -145,11 +150,37 @@ class Dropout(Function):
 
     def forward(self, x):
         shape = resolve_noise_shape(self.noise_shape, x.shape)
-        self.mask = K.dropout_mask(shape, self.rate, self.generator, x.dtype, like=x)
+        generator = device_generator_for(self.generator, x)
+        self.mask = K.dropout_mask(shape, self.rate, generator, x.dtype, like=x)
         return K.dropout_forward(x, self.mask)
 
     def backward(self, g):
         return K.dropout_backward(g, self.mask)
+
+
+_DEVICE_GENERATORS: dict = {}     # id(numpy generator) -> (that generator, its GPU twin)
+_MAX_DEVICE_GENERATORS = 16       # forget the oldest beyond this (dropout(seed=...) makes many)
+
+
+def device_generator_for(generator, like):
+    """The generator to draw a mask for the array ``like`` with.
+
+    ``generator`` itself for a NumPy ``like`` (or when it is not a NumPy Generator, e.g. already
+    a GPU one). For a CuPy ``like``: a GPU generator seeded with one draw from ``generator``,
+    made on first use and reused while ``generator`` is the same object, so the mask never
+    crosses from host to device and ``minicnn.seed(n)`` (a new package generator) repeats a run.
+    """
+    if not backend.is_gpu_array(like) or not isinstance(generator, np.random.Generator):
+        return generator
+    entry = _DEVICE_GENERATORS.get(id(generator))
+    if entry is None or entry[0] is not generator:
+        seed = int(generator.integers(2**63))
+        entry = (generator, backend.device_generator(seed))
+        _DEVICE_GENERATORS.pop(id(generator), None)
+        _DEVICE_GENERATORS[id(generator)] = entry
+        while len(_DEVICE_GENERATORS) > _MAX_DEVICE_GENERATORS:
+            del _DEVICE_GENERATORS[next(iter(_DEVICE_GENERATORS))]
+    return entry[1]
 
 
 def resolve_noise_shape(noise_shape, shape):
@@ -256,4 +287,4 @@ def serialize(activation):
 
 __all__ = ["ReLU", "LeakyReLU", "GeneralReLU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax",
            "Dropout", "dropout", "relu", "leaky_relu", "sigmoid", "tanh", "softmax", "log_softmax",
-           "linear", "get", "serialize", "resolve_noise_shape"]
+           "linear", "get", "serialize", "resolve_noise_shape", "device_generator_for"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import backend
 from kernels.backend import get_array_module
 from minicnn.tensor import Function, Tensor, as_tensor
 
@@ -262,6 +263,14 @@ def _is_basic_index(index) -> bool:
     return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
 
 
+def _index_on_device_of(x, index):
+    """``index`` with its NumPy arrays moved to x's device (CuPy arrays take CuPy indices)."""
+    if not backend.is_gpu_array(x):
+        return index
+    move = (lambda i: backend.to_device(i, "gpu") if isinstance(i, np.ndarray) else i)
+    return tuple(move(i) for i in index) if isinstance(index, tuple) else move(index)
+
+
 class GetItem(Function):
     """y = x[index];  dx = zeros with g scattered back to the selected positions
     (added up where an advanced index selects a position twice)."""
@@ -271,6 +280,7 @@ class GetItem(Function):
 
     def forward(self, x):
         self.shape, self.dtype = x.shape, x.dtype
+        self.index = _index_on_device_of(x, self.index)
         return x[self.index]
 
     def backward(self, g):
@@ -279,8 +289,22 @@ class GetItem(Function):
         if _is_basic_index(self.index):
             dx[self.index] = g
         else:
-            xp.add.at(dx, self.index, g)
+            backend.scatter_add(dx, self.index, g)        # np.add.at, on NumPy or CuPy
         return dx
+
+
+class ToDevice(Function):
+    """y = x copied to ``device`` ('cpu' or 'gpu');  dx = g copied back to x's device."""
+
+    def __init__(self, device):
+        self.device = backend.check_device(device)
+
+    def forward(self, x):
+        self.source = backend.device_of(x)
+        return backend.to_device(x, self.device)
+
+    def backward(self, g):
+        return backend.to_device(g, self.source)
 
 
 class Concatenate(Function):
@@ -366,6 +390,7 @@ def max(x, axis=None, keepdims=False): return Max(axis, keepdims)(x)  # noqa: A0
 def reshape(x, shape): return Reshape(shape)(x)
 def transpose(x, axes=None): return Transpose(axes)(x)
 def getitem(x, index): return GetItem(index)(x)
+def to_device(x, device): return ToDevice(device)(x)
 def concatenate(tensors, axis=-1): return Concatenate(axis)(*tensors)
 def stack(tensors, axis=0): return Stack(axis)(*tensors)
 def pad(x, pad_width, value=0.0): return Pad(pad_width, value)(x)

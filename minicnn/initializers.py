@@ -32,6 +32,8 @@ import numbers
 
 import numpy as np
 
+from minicnn.registry import resolve
+
 # Standard deviation of a unit normal truncated to [-2, 2] (Keras divides by it).
 TRUNCATED_NORMAL_STD = 0.87962566103423978
 
@@ -379,25 +381,4 @@ def get(identifier):
     ``{"class_name", "config"}`` dict, a class, an instance or any callable ``f(shape, dtype)``.
     ``None`` gives ``None``. Unknown names raise ValueError listing the known ones.
     """
-    if identifier is None:
-        return None
-    if isinstance(identifier, str):
-        cls = _REGISTRY.get(identifier)
-        if cls is None:
-            raise ValueError(f"initializers.get: unknown initializer {identifier!r}; "
-                             f"known names: {sorted(_REGISTRY)}")
-        return cls()
-    if isinstance(identifier, dict):
-        if "class_name" not in identifier:
-            raise ValueError(f"initializers.get: a dict identifier needs 'class_name', got {identifier!r}")
-        cls = _REGISTRY.get(identifier["class_name"])
-        if cls is None:
-            raise ValueError(f"initializers.get: unknown initializer {identifier['class_name']!r}; "
-                             f"known names: {sorted(_REGISTRY)}")
-        return cls.from_config(dict(identifier.get("config") or {}))
-    if isinstance(identifier, type):
-        return identifier()
-    if callable(identifier):
-        return identifier
-    raise TypeError(f"initializers.get: cannot interpret {identifier!r} (type "
-                    f"{type(identifier).__name__}) as an initializer")
+    return resolve(identifier, "initializer", Initializer, _REGISTRY, _REGISTRY)

@@ -32,6 +32,7 @@ import numpy as np
 
 from kernels import backend
 from kernels import losses as K
+from minicnn.registry import resolve
 from minicnn.tensor import Function, Tensor, as_tensor
 
 __all__ = [
@@ -665,25 +666,7 @@ def get(identifier, **kwargs):
     ({"class_name": ..., "config": {...}}), a Loss (returned as is) or any callable.
     ``kwargs`` go to the constructor of a named loss, e.g. get("scce", from_logits=True).
     """
-    if identifier is None or isinstance(identifier, Loss):
-        return identifier
-    if isinstance(identifier, type) and issubclass(identifier, Loss):
-        return identifier(**kwargs)
-    if isinstance(identifier, dict):
-        name = identifier.get("class_name")
-        if name not in _CLASSES:
-            raise ValueError(f"losses.get: unknown loss class {name!r}; known: {sorted(_CLASSES)}")
-        return _CLASSES[name].from_config({**identifier.get("config", {}), **kwargs})
-    if isinstance(identifier, str):
-        cls = _CLASSES.get(identifier) or _ALIASES.get(identifier.lower().replace("-", "_"))
-        if cls is None:
-            raise ValueError(f"losses.get: unknown loss {identifier!r}; known: "
-                             f"{sorted(_ALIASES)} or a class name {sorted(_CLASSES)}")
-        return cls(**kwargs)
-    if callable(identifier):
-        return identifier
-    raise TypeError(f"losses.get: expected a name, a config dict, a Loss or a callable, "
-                    f"got {type(identifier).__name__}")
+    return resolve(identifier, "loss", Loss, _CLASSES, _ALIASES, **kwargs)
 
 
 def serialize(loss) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import backend
+from minicnn.registry import resolve
 from minicnn.tensor import Tensor
 
 __all__ = ["Metric", "PixelAccuracy", "MeanIoU", "DiceCoefficient", "get", "pair_counts"]
@@ -320,30 +321,11 @@ _ALIASES = {
 
 def get(identifier, **kwargs):
     """A metric from a name ("pixel_accuracy", "accuracy", "mean_iou", "dice"), a class, a config
-    dict, a Metric (returned as is) or a callable. A named metric is named as asked (so logs say
-    "accuracy" when asked for "accuracy"); ``kwargs`` go to its constructor (num_classes=...)."""
-    if identifier is None or isinstance(identifier, Metric):
-        return identifier
-    if isinstance(identifier, type) and issubclass(identifier, Metric):
-        return identifier(**kwargs)
-    if isinstance(identifier, dict):
-        name = identifier.get("class_name")
-        if name not in _CLASSES:
-            raise ValueError(f"metrics.get: unknown metric class {name!r}; known: {sorted(_CLASSES)}")
-        return _CLASSES[name].from_config({**identifier.get("config", {}), **kwargs})
-    if isinstance(identifier, str):
-        cls = _CLASSES.get(identifier)
-        if cls is None:
-            cls = _ALIASES.get(identifier.lower().replace("-", "_"))
-            if cls is None:
-                raise ValueError(f"metrics.get: unknown metric {identifier!r}; known: "
-                                 f"{sorted(_ALIASES)} or a class name {sorted(_CLASSES)}")
-            kwargs.setdefault("name", identifier)
-        return cls(**kwargs)
-    if callable(identifier):
-        return identifier
-    raise TypeError(f"metrics.get: expected a name, a config dict, a Metric or a callable, "
-                    f"got {type(identifier).__name__}")
+    dict, a Metric (returned as is) or a callable. A metric named by an alias is named as asked
+    (so logs say "accuracy" when asked for "accuracy"); ``kwargs`` go to its constructor."""
+    if isinstance(identifier, str) and identifier not in _CLASSES:
+        kwargs.setdefault("name", identifier)
+    return resolve(identifier, "metric", Metric, _CLASSES, _ALIASES, **kwargs)
 
 
 def serialize(metric) -> dict:

@@ -1,0 +1,37 @@
+"""Keras' ``get(identifier)`` rule, in one place, for losses, metrics, initializers, optimizers.
+
+An identifier is None, an instance of the family's base class (returned as is), a subclass
+(instantiated with ``kwargs``), a ``{"class_name": ..., "config": {...}}`` dict (rebuilt with
+``from_config``), a name (a class name, or an alias matched case-insensitively with '-' read as
+'_'), or any other callable (returned as is, when the family allows it).
+"""
+from __future__ import annotations
+
+
+def find_class(name: str, kind: str, classes: dict, aliases: dict):
+    """The class called ``name`` (exact class name first, then an alias); ValueError otherwise."""
+    cls = classes.get(name) or aliases.get(str(name).lower().replace("-", "_"))
+    if cls is None:
+        raise ValueError(f"{kind}s.get: unknown {kind} {name!r}; known: {sorted(aliases)} "
+                         f"or a class name {sorted(classes)}")
+    return cls
+
+
+def resolve(identifier, kind: str, base: type, classes: dict, aliases: dict,
+            allow_callable: bool = True, **kwargs):
+    """The object ``identifier`` names (see the module docstring); ``kwargs`` go to a constructor."""
+    if identifier is None or isinstance(identifier, base):
+        return identifier
+    if isinstance(identifier, type) and issubclass(identifier, base):
+        return identifier(**kwargs)
+    if isinstance(identifier, dict):
+        if "class_name" not in identifier:
+            raise ValueError(f"{kind}s.get: a dict identifier needs 'class_name', got {identifier!r}")
+        cls = find_class(identifier["class_name"], kind, classes, aliases)
+        return cls.from_config({**(identifier.get("config") or {}), **kwargs})
+    if isinstance(identifier, str):
+        return find_class(identifier, kind, classes, aliases)(**kwargs)
+    if allow_callable and callable(identifier):
+        return identifier
+    raise TypeError(f"{kind}s.get: expected a name, a config dict, a {base.__name__} or a "
+                    f"callable, got {type(identifier).__name__}")

@@ -200,6 +200,16 @@ class Loss:
         return f"{type(self).__name__}({args})"
 
     # -- shared checks ----------------------------------------------------------------------------
+    def _set_options(self, from_logits, label_smoothing, axis, class_weight):
+        """The settings shared by the cross-entropies, checked."""
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = float(label_smoothing)
+        self.axis = axis
+        self.class_weight = class_weight
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"{type(self).__name__}: label_smoothing must be in [0, 1], "
+                             f"got {label_smoothing}")
+
     def _same_shape(self, y_true, shape, hint=""):
         if tuple(y_true.shape) != tuple(shape):
             raise ValueError(f"{type(self).__name__}: y_true of shape {tuple(y_true.shape)} and "
@@ -251,13 +261,7 @@ class BinaryCrossentropy(Loss):
     def __init__(self, from_logits=False, label_smoothing=0.0, axis=-1, class_weight=None,
                  reduction="sum_over_batch_size", name="binary_crossentropy", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.from_logits = bool(from_logits)
-        self.label_smoothing = float(label_smoothing)
-        self.axis = axis
-        self.class_weight = class_weight
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"{type(self).__name__}: label_smoothing must be in [0, 1], "
-                             f"got {label_smoothing}")
+        self._set_options(from_logits, label_smoothing, axis, class_weight)
 
     def _prepare(self, y_true, pred_shape, dtype, xp):
         where = type(self).__name__
@@ -360,13 +364,7 @@ class CategoricalCrossentropy(_ClassAxisLoss):
     def __init__(self, from_logits=False, label_smoothing=0.0, axis=-1, class_weight=None,
                  reduction="sum_over_batch_size", name="categorical_crossentropy", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.from_logits = bool(from_logits)
-        self.label_smoothing = float(label_smoothing)
-        self.axis = axis
-        self.class_weight = class_weight
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"{type(self).__name__}: label_smoothing must be in [0, 1], "
-                             f"got {label_smoothing}")
+        self._set_options(from_logits, label_smoothing, axis, class_weight)
 
     def _prepare(self, y_true, pred_shape, dtype, xp):
         where = type(self).__name__

@@ -1,6 +1,9 @@
 """Convolution kernels: forward and forward+backward time, GFLOP/s, share of NumPy's own matmul
 rate, and the ratio to PyTorch (CPU, same thread count) when torch is importable.
 
+Benchmark with the OpenBLAS kernel OpenBLAS picks itself (this environment's OPENBLAS_CORETYPE
+forces an older, ~1.5x slower one): ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python ...``.
+
     python benchmarks/bench_conv.py                   # table
     python benchmarks/bench_conv.py --json out.json   # and a JSON file
     python benchmarks/bench_conv.py --algorithm im2col --cases 32x32   # force one algorithm
@@ -66,13 +69,24 @@ def numpy_matmul_gflops(repeat):
 
 
 def blas_description():
+    """NumPy's BLAS and version, the CPU kernel OpenBLAS runs (threadpoolctl's "architecture"),
+    its threads, and the OPENBLAS_* variables that pick the kernel."""
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         text = f"{blas.get('name')} {blas.get('version')}"
     except Exception:  # older NumPy
         text = "unknown"
-    coretype = os.environ.get("OPENBLAS_CORETYPE")
-    return text + (f" (OPENBLAS_CORETYPE={coretype})" if coretype else "")
+    try:
+        from threadpoolctl import threadpool_info
+        for pool in threadpool_info():
+            if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", ""):
+                text += (f" (core type {pool.get('architecture')}, "
+                         f"{pool.get('num_threads')} threads)")
+    except ImportError:
+        text += " (pip install threadpoolctl for the core type)"
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                    if k in os.environ)
+    return text + (f" [{env}]" if env else " [OPENBLAS_CORETYPE unset]")
 
 
 def make_case(kind, size, c_in, c_out, k, stride, dilation, rng):
@@ -219,9 +233,13 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="PyTorch threads (NumPy's OpenBLAS uses all cores by default)")
+                        help="PyTorch threads (minicnn: MINICNN_NUM_THREADS, default all cores)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="kernels.conv2d.retain_freed_memory() here and in PyTorch's process")
     args = parser.parse_args(argv)
     ALGORITHM = args.algorithm
+    if args.retain_freed_memory:
+        K.retain_freed_memory()
     cases = [case for case in CASES if args.cases in case[0]]
     if args.torch_only:
         print(json.dumps(time_torch(cases, args)))
@@ -233,6 +251,7 @@ def main(argv=None):
     if not args.no_torch:
         command = [sys.executable, __file__, "--torch-only", "--cases", args.cases, "--repeat",
                    str(args.repeat), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+        command += ["--retain-freed-memory"] if args.retain_freed_memory else []
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         torch_times = json.loads(done.stdout.strip().splitlines()[-1])
     if torch_times is not None:
@@ -249,7 +268,8 @@ def main(argv=None):
         "torch": None if torch_times is None else
         f"{torch_times['version']} ({args.threads} threads)",
         "batch": BATCH, "repeat": args.repeat, "rounds": args.rounds,
-        "algorithm": ALGORITHM or "auto",
+        "algorithm": ALGORITHM or "auto", "conv_threads": K.conv_threads(np),
+        "retain_freed_memory": args.retain_freed_memory,
     }
     print(" ".join(f"{k}={v}" for k, v in header.items()))
     columns = ("case", "algo", "fwd ms", "f+b ms", "GFLOP/s", "%matmul",

@@ -8,9 +8,22 @@ convolutions with bias, BatchNorm (eps 1e-3, Keras momentum 0.99 = PyTorch momen
     python benchmarks/bench_unet.py                       # both cases, PyTorch if importable
     python benchmarks/bench_unet.py --torch-python /path/to/venv/bin/python --json out.json
     python benchmarks/bench_unet.py --profile             # minicnn's time per phase and per op
+    python benchmarks/bench_unet.py --retain-freed-memory # glibc keeps freed memory, both engines
 
-Prints median step times, the ratio minicnn / PyTorch, peak RSS of each process, and (with
---profile) where minicnn's time goes.
+Prints the machine (cores, NumPy's BLAS and the OpenBLAS kernel it runs, the OPENBLAS_*
+variables), median step times, the ratio minicnn / PyTorch, peak RSS of each process, and (with
+--profile) where minicnn's time goes: per phase, per operation, and the convolution kernels
+(the input and the filter gradient separately).
+
+The OpenBLAS kernel matters: OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU runs NumPy's products
+~1.5x slower than the kernel OpenBLAS picks itself. To measure without it, unset it (and
+OPENBLAS_L2_SIZE) for the benchmark command only:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_unet.py ...
+
+``--retain-freed-memory`` calls ``kernels.conv2d.retain_freed_memory()`` in the minicnn process
+and the same ``mallopt`` settings in the PyTorch one (both engines page-fault on fresh
+activations by default; the comparison stays like for like).
 """
 from __future__ import annotations
 
@@ -33,9 +46,90 @@ def peak_rss_mb() -> float:
 
 
 # -- minicnn ------------------------------------------------------------------------------------
-def minicnn_worker(case: dict, profile: bool) -> dict:
+def retain_freed_memory_glibc() -> bool:
+    """The settings of ``kernels.conv2d.retain_freed_memory`` for a process without minicnn."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, 32 << 20)) and bool(mallopt(-1, 1 << 30))   # MMAP, TRIM thresholds
+
+
+def _per_item_pool(fn, items):
+    """kernels.normalization.parallel_map as it was: one pool task per item, the caller idle."""
+    from concurrent.futures import ThreadPoolExecutor
+    from kernels import normalization
+    threads = normalization.num_threads()
+    if len(items) == 1 or threads == 1:
+        return [fn(item) for item in items]
+    if not hasattr(_per_item_pool, "pool"):
+        _per_item_pool.pool = ThreadPoolExecutor(threads)
+    return list(_per_item_pool.pool.map(fn, items))
+
+
+def _untiled_bias(y, b, crop=None):
+    if crop is not None:
+        y[...] = crop
+    y += b
+    return y
+
+
+def _relu_before(module):
+    """relu as it was: zeros_like + maximum, and dy * (y > 0), whole arrays on one thread."""
+    def forward(x):
+        y = module.get_array_module(x).zeros_like(x)
+        return module.get_array_module(x).maximum(x, y, out=y)
+    return forward, lambda dy, y: dy * (y > 0)
+
+
+def _ablate(name):
+    """Switch one of this work's levers off in the current code (for the lever table of
+    benchmarks/RESULTS.md); each is one assignment into a kernel module."""
+    from kernels import activations, conv2d, normalization, pooling
+    from minicnn.functions import activations as function_activations
+    from minicnn.functions import math as function_math
+    if name == "openblas-threads":       # conv kernels in one piece, OpenBLAS threads products
+        conv2d.conv_threads = lambda xp: 1
+    elif name == "small-convs-threaded-blas":    # one-piece convs let OpenBLAS use its threads
+        original = conv2d.run_pieces
+        conv2d.run_pieces = lambda fn, pieces, xp=None: [fn(p) for p in pieces] \
+            if len(pieces) == 1 else original(fn, pieces)
+    elif name == "no-shared-dy":
+        original_dx = conv2d._input_gradient_as_forward
+        conv2d._input_gradient_as_forward = lambda *a, share=False, **k: original_dx(*a, **k)
+    elif name == "untiled-bias":
+        conv2d.add_bias = _untiled_bias
+    elif name == "no-chunks":            # each piece's taps copied whole, not in L2-sized chunks
+        conv2d._chunk_rows = lambda values, itemsize: 1 << 40
+    elif name == "all-small-convs-in-pieces":
+        conv2d._PARALLEL_MIN_MACS = 1 << 22
+    elif name == "per-item-pool":
+        for module in (normalization, conv2d, activations, pooling, function_math.K_threads):
+            if hasattr(module, "parallel_map"):
+                module.parallel_map = _per_item_pool
+        normalization._map_blocks = _per_item_pool
+    elif name == "old-relu":
+        activations.relu_forward, activations.relu_backward = _relu_before(activations)
+        function_activations.K.relu_forward = activations.relu_forward
+        function_activations.K.relu_backward = activations.relu_backward
+    elif name == "serial-pool-concat":
+        pooling.PARALLEL_MIN_BYTES = function_math.PARALLEL_MIN_BYTES = 1 << 60
+    elif name != "none":
+        raise ValueError(f"unknown --ablate {name!r}")
+
+
+ABLATIONS = ("none", "openblas-threads", "small-convs-threaded-blas", "no-shared-dy",
+             "untiled-bias", "no-chunks", "all-small-convs-in-pieces", "per-item-pool",
+             "old-relu", "serial-pool-concat")
+
+
+def minicnn_worker(case: dict, profile: bool, retain: bool, ablate: str = "none") -> dict:
     import numpy as np
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from kernels import conv2d as conv_kernels
+    retained = conv_kernels.retain_freed_memory() if retain else False
+    _ablate(ablate)
     import minicnn as mc
     from minicnn import losses, optimizers
     from minicnn.models import UNet
@@ -69,14 +163,50 @@ def minicnn_worker(case: dict, profile: bool) -> dict:
     for values in phases.values():
         values.clear()
     op_times = install_op_timers() if profile else None
+    kernel_times = install_kernel_timers(conv_kernels) if profile else None
     times = [step() for _ in range(case["steps"])]
-    result = {"median_ms": 1000 * float(np.median(times)), "peak_rss_mb": peak_rss_mb(),
+    result = {"median_ms": 1000 * float(np.median(times)), "min_ms": 1000 * float(min(times)),
+              "peak_rss_mb": peak_rss_mb(), "retained_freed_memory": retained,
               "trainable": int(sum(w.size for w in model.trainable_weights)),
+              "threads": conv_kernels.num_threads(),
+              "conv_threads": conv_kernels.conv_threads(np),
               "phases_ms": {k: 1000 * float(np.median(v)) for k, v in phases.items()}}
-    if op_times is not None:
-        result["ops_ms_per_step"] = {k: 1000 * v / case["steps"]
-                                     for k, v in sorted(op_times.items(), key=lambda kv: -kv[1])}
+    for name, totals in (("ops_ms_per_step", op_times), ("kernels_ms_per_step", kernel_times)):
+        if totals is not None:
+            result[name] = {k: 1000 * v / case["steps"]
+                            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     return result
+
+
+KERNELS = {   # kernels.conv2d function -> what it computes (wall time, all its pieces; the
+    # transposed convolutions' forward is the stride-2 dx, their backward a forward and a dw)
+    "_input_gradient_as_forward": "conv dx, stride 1 (a forward)",
+    "_input_gradient_im2col": "conv dx, stride > 1 (col2im)",
+    "_filter_gradient_shifted": "conv dw + db, shifted",
+    "_filter_gradient_im2col": "conv dw + db, im2col",
+    "sum_over_pixels": "bias sums (also counted inside dw + db)",
+}
+
+
+def install_kernel_timers(module) -> dict:
+    """Time the convolution kernels' entry points (profile mode only): the backward split into
+    its input and filter gradients."""
+    totals: dict = {}
+
+    def timed(name, label):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+        setattr(module, name, wrapper)
+
+    for name, label in KERNELS.items():
+        timed(name, label)
+    return totals
 
 
 def install_op_timers() -> dict:
@@ -177,22 +307,29 @@ def torch_worker(case: dict, channels_last: bool) -> dict:
 
 
 # -- orchestration -------------------------------------------------------------------------------
-def run_worker(python: str, engine: str, case: str, extra=()) -> dict:
+def run_worker(python: str, engine: str, case: str, extra=(), env=None) -> dict:
     command = [python, os.path.abspath(__file__), "--worker", engine, "--case", case, *extra]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def blas_name() -> str:
+    """NumPy's BLAS, its version, threads and the CPU kernel it runs (threadpoolctl's
+    "architecture": OpenBLAS's core type), plus the OPENBLAS_* variables that choose it."""
+    import numpy  # noqa: F401  (threadpoolctl lists only loaded libraries)
+    env = ", ".join(f"{k}={os.environ.get(k, '(unset)')}"
+                    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
     try:
         from threadpoolctl import threadpool_info
-        pools = [f"{p['internal_api']} {p.get('version')} ({p['num_threads']} threads)"
+        pools = [f"{p['internal_api']} {p.get('version')} ({p['num_threads']} threads, core type "
+                 f"{p.get('architecture')}, {os.path.basename(p.get('filepath', ''))})"
                  for p in threadpool_info() if p.get("user_api") == "blas"]
-        return ", ".join(pools) or "unknown"
+        return (", ".join(pools) or "unknown") + f"; {env}"
     except ImportError:
-        return "unknown (pip install threadpoolctl to see it)"
+        return f"unknown (pip install threadpoolctl to see it); {env}"
 
 
 def main(argv=None) -> int:
@@ -200,31 +337,61 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="large,small")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="interpreter that has torch (default: this one)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads of both engines (minicnn: MINICNN_NUM_THREADS and "
+                             "OPENBLAS_NUM_THREADS; PyTorch: set_num_threads)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default: large 5, "
+                        "small 20), after two warm-up steps")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="glibc mallopt in both engines' processes (see the docstring)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--ablate", choices=ABLATIONS, default="none",
+                        help="switch one lever of minicnn's CPU speed-up off (lever table)")
     parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--worker", choices=["minicnn", "torch", "torch-cl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["minicnn", "torch", "torch-cl"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps:
+        for case in CASES.values():
+            case["steps"] = args.steps
     if args.worker:
         case = CASES[args.case]
         if args.worker == "minicnn":
-            result = minicnn_worker(case, args.profile)
+            result = minicnn_worker(case, args.profile, args.retain_freed_memory, args.ablate)
         else:
+            retained = retain_freed_memory_glibc() if args.retain_freed_memory else False
             import torch
             torch.set_num_threads(args.threads)
             result = torch_worker(case, channels_last=args.worker == "torch-cl")
+            result["retained_freed_memory"] = retained
         print(json.dumps(result))
         return 0
 
-    env_threads = ["--threads", str(args.threads)]
+    shared = ["--threads", str(args.threads)] + \
+        (["--retain-freed-memory"] if args.retain_freed_memory else []) + \
+        (["--steps", str(args.steps)] if args.steps else [])
+    minicnn_env = {"MINICNN_NUM_THREADS": str(args.threads),
+                   "OPENBLAS_NUM_THREADS": str(args.threads)}
     rows = {}
-    print(f"CPU cores: {os.cpu_count()}, threads: {args.threads}, numpy BLAS: {blas_name()}")
+    header = {"cpu_cores": os.cpu_count(), "threads": args.threads, "numpy_blas": blas_name(),
+              "retain_freed_memory": args.retain_freed_memory, "ablate": args.ablate,
+              "python": sys.version.split()[0]}
+    print(f"CPU cores: {header['cpu_cores']}, threads: {args.threads}, "
+          f"freed memory retained (glibc mallopt): {'yes' if args.retain_freed_memory else 'no'}")
+    print(f"numpy BLAS: {header['numpy_blas']}")
     for name in args.cases.split(","):
-        mine = run_worker(sys.executable, "minicnn", name, ["--profile"] if args.profile else [])
-        theirs = run_worker(args.torch_python, "torch", name, env_threads)
-        theirs_cl = run_worker(args.torch_python, "torch-cl", name, env_threads)
-        rows[name] = {"case": CASES[name], "minicnn": mine, "torch": theirs, "torch_channels_last": theirs_cl}
+        mine = run_worker(sys.executable, "minicnn", name,
+                          shared + (["--profile"] if args.profile else [])
+                          + ["--ablate", args.ablate], minicnn_env)
+        if args.no_torch:
+            theirs = theirs_cl = {"error": "--no-torch"}
+        else:
+            theirs = run_worker(args.torch_python, "torch", name, shared)
+            theirs_cl = run_worker(args.torch_python, "torch-cl", name, shared)
+        rows[name] = {"case": CASES[name], "minicnn": mine, "torch": theirs,
+                      "torch_channels_last": theirs_cl}
     print(f"\n{'case':<7}{'minicnn ms':>12}{'torch ms':>10}{'ratio':>8}{'torch CL ms':>13}"
           f"{'minicnn MB':>12}{'torch MB':>10}{'mem ratio':>11}  params (minicnn / torch)")
     for name, row in rows.items():
@@ -233,7 +400,8 @@ def main(argv=None) -> int:
             print(f"{name:<7} minicnn failed: {mine['error']}")
             continue
         if "error" in theirs:
-            print(f"{name:<7}{mine['median_ms']:>12.1f}   (PyTorch unavailable: {theirs['error']})")
+            print(f"{name:<7}{mine['median_ms']:>12.1f}   (PyTorch unavailable: {theirs['error']})"
+                  f"{mine['peak_rss_mb']:>12.0f} MB")
             continue
         print(f"{name:<7}{mine['median_ms']:>12.1f}{theirs['median_ms']:>10.1f}"
               f"{mine['median_ms'] / theirs['median_ms']:>8.2f}"
@@ -244,14 +412,17 @@ def main(argv=None) -> int:
         mine = row["minicnn"]
         if "phases_ms" in mine:
             print(f"\n{name}: minicnn phases (median ms): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in mine["phases_ms"].items()))
-        if "ops_ms_per_step" in mine:
-            print(f"{name}: minicnn time per op (ms per step):")
-            for key, value in list(mine["ops_ms_per_step"].items())[:16]:
-                print(f"    {key:<36}{value:>9.1f}")
+                  + ", ".join(f"{k} {v:.1f}" for k, v in mine["phases_ms"].items())
+                  + f"; conv threads: {mine['conv_threads']}")
+        for key, title in (("ops_ms_per_step", "time per op"),
+                           ("kernels_ms_per_step", "convolution kernels")):
+            if key in mine:
+                print(f"{name}: minicnn {title} (ms per step):")
+                for label, value in list(mine[key].items())[:16]:
+                    print(f"    {label:<44}{value:>9.1f}")
     if args.json_path:
         with open(args.json_path, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump({"header": header, "rows": rows}, handle, indent=2)
     return 0
 
 

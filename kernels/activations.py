@@ -22,22 +22,46 @@ import numpy as np
 
 from kernels import backend
 from kernels.backend import get_array_module
+from kernels.normalization import parallel_map
 
 # -- relu -----------------------------------------------------------------------------------------
 
 
 def relu_forward(x):
-    """y = max(x, 0).  (Against an array of zeros: NumPy's maximum with a scalar operand runs
-    about 2x slower than with two arrays.)"""
+    """y = max(x, 0): one pass, against a zero of x's dtype (NumPy 2 runs that as fast as two
+    arrays), in blocks on the kernels' threads for large NumPy arrays."""
     xp = get_array_module(x)
-    y = xp.zeros_like(x)
-    return xp.maximum(x, y, out=y)
+    x = xp.ascontiguousarray(x)
+    y, zero = xp.empty_like(x), x.dtype.type(0)
+    _elementwise(lambda s: xp.maximum(x.reshape(-1)[s], zero, out=y.reshape(-1)[s]), x)
+    return y
 
 
 def relu_backward(dy, y):
-    """dx = dy * [y > 0]  (from the output: y > 0 exactly where x > 0)."""
+    """dx = dy * [y > 0]  (from the output: y > 0 exactly where x > 0); one pass per block."""
     _check_same_shape("relu_backward", dy, y)
-    return dy * (y > 0)
+    xp = get_array_module(dy, y)
+    dy, y = xp.ascontiguousarray(dy), xp.ascontiguousarray(y)
+    dx = xp.empty_like(dy)
+    _elementwise(lambda s: xp.multiply(dy.reshape(-1)[s], y.reshape(-1)[s] > 0,
+                                       out=dx.reshape(-1)[s]), dy)
+    return dx
+
+
+# Elementwise passes over NumPy arrays of more than this many bytes are cut into blocks of
+# about this size, spread over ``kernels.normalization.num_threads()`` threads.
+ELEMENTWISE_BLOCK_BYTES = 1 << 20
+
+
+def _elementwise(fn, a):
+    """fn(s) for slices s of a's flat index: one slice for CuPy or small arrays, else blocks of
+    ``ELEMENTWISE_BLOCK_BYTES`` on the thread pool (``fn`` must write disjoint blocks)."""
+    size = a.size
+    if get_array_module(a) is not np or size * a.itemsize <= 2 * ELEMENTWISE_BLOCK_BYTES:
+        fn(slice(None))
+        return
+    step = max(1, ELEMENTWISE_BLOCK_BYTES // a.itemsize)
+    parallel_map(fn, [slice(i, i + step) for i in range(0, size, step)])
 
 
 def relu_reference(x):

@@ -11,22 +11,41 @@ the output pixel, ``(f * w)(x, y) = sum_{dx=-a..a} sum_{dy=-b..b} w(a+dx, b+dy) 
 
 Fast algorithms, picked by ``choose_algorithm`` from the shapes (measured with
 benchmarks/bench_conv.py; the forward and the filter gradient share one, since the filter
-gradient reads the forward's workspace; the input gradient chooses on its own):
+gradient reads the forward's workspace):
 
 - ``"im2col"`` (Chainer): copy every kernel window into one matrix
   ``cols: (N*Ho*Wo, kh*kw*C)`` and do ONE matrix product ``y = cols @ w``. Any stride. The filter
-  gradient reuses ``cols``: ``dw = cols.T @ dy``; the input gradient scatters ``dy @ w.T`` back
-  into the windows (``col2im``). Used for strides > 1, 1x1 kernels, few input channels (a
-  3-channel image: K = 27 is a good product, K = 3 is not) and small images.
+  gradient reuses ``cols``: ``dw = cols.T @ dy``. Used for strides > 1, 1x1 kernels, few input
+  channels (a 3-channel image: K = 27 is a good product, K = 3 is not), small images, and
+  always on the GPU (CuPy arrays), where ``im2col``/``col2im`` are the CUDA kernels of
+  ``kernels.cuda`` and one large product per layer is what the GPU does well.
 - ``"shifted"`` (stride 1): flatten the padded input over ``(N, Hp, Wp)``; kernel offset (i, j)
   is then a *contiguous* slice of rows starting ``i*dh*Wp + j*dw`` further on, so
-  ``y = sum_ij xflat[shift_ij:] @ w[i, j]``: one matrix product per offset, no window copy. The
-  rows that straddle a border are computed and dropped (``Hp*Wp / (Ho*Wo)`` extra work). Used
-  for 8 or more channels on images where that waste is small (32x32 and larger with a 3x3
-  kernel), where the im2col copy costs about as much as the product.
+  ``y = sum_ij xflat[shift_ij:] @ w[i, j]``. The kw offsets of one kernel row are copied side
+  by side once per chunk of rows (``row_taps``, L2-sized), giving kh products of K = kw*C
+  instead of kh*kw thin ones. The rows that straddle a border are computed and dropped
+  (``Hp*Wp / (Ho*Wo)`` extra work). Used for 8 or more channels on images where that waste is
+  small (32x32 and larger with a 3x3 kernel), where the im2col copy costs about as much as the
+  product.
 
-Temporaries that never leave a call are reused between calls (``scratch``): on the CPU a fresh
-multi-megabyte array costs a page fault per page, comparable to the products themselves.
+Input gradient: for stride 1 it is itself a forward convolution (of dy, padded by the window's
+reach minus the padding, with the kernel turned 180 degrees and its channel axes swapped), so
+it runs the same tuned kernels; for larger strides ``col2im(dy @ w.T)``.
+
+Threads (NumPy): every kernel cuts its work into pieces of whole images (or bands of rows of
+one image when the images do not share out evenly, see ``split_work``), one per thread of
+``kernels.normalization.parallel_map`` ($MINICNN_NUM_THREADS), and holds OpenBLAS to one thread
+per product meanwhile (``single_threaded_blas``). OpenBLAS splitting each thin product itself
+left the copies and sums around it on one core and spun its helper thread between calls;
+measured on two cores, the U-Net's conv backward went from 2.8x to 1.9x its forward and the
+large training step from 300-310 to 229-242 ms (benchmarks/RESULTS.md). Convolutions too small
+to share out run as one piece (``_PARALLEL_MIN_MACS``).
+Partial sums over pieces (dw, db) are added in piece order: results are deterministic for a
+given thread count.
+
+Temporaries that never leave a call are reused between calls (``scratch``, per thread): on the
+CPU a fresh multi-megabyte array costs a page fault per page, comparable to the products
+themselves (``retain_freed_memory`` does the same for every array, process-wide, opt-in).
 
 Backward (chain rule on the sum above)::
 
@@ -44,13 +63,17 @@ Chainer ``chainer/utils/conv.py``; Keras 3 ``Conv2D`` / ``Conv2DTranspose`` docu
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.backend import get_array_module
+from kernels import cuda
+from kernels.backend import cuda_kernels_enabled, get_array_module
+from kernels.normalization import num_threads, parallel_map, recently_parallel
 from kernels.shapes import (conv2d_geometry, conv_transpose2d_geometry, normalize_padding,
                             normalize_tuple)
 
@@ -128,24 +151,25 @@ def _check_grad_shape(fn: str, grad_y, expected):
                          f"got {tuple(grad_y.shape)}")
 
 
-def choose_algorithm(geometry: ConvGeometry, in_channels: int, input_gradient=False) -> str:
-    """'shifted' for stride-1 k>1 convolutions on images where the padded border adds little
-    work, and (except for the input gradient, whose products have K = C_out and whose im2col
-    twin scatters C-wide strips) at least 8 input channels; 'im2col' otherwise.
-    Measured in benchmarks/bench_conv.py."""
-    kh, kw = geometry.kernel_hw
-    if geometry.strides != (1, 1) or kh * kw == 1:
+def choose_algorithm(geometry: ConvGeometry, in_channels: int, xp=np) -> str:
+    """'shifted' for stride-1 k>1 convolutions of at least 8 input channels on images where the
+    padded border adds little work; 'im2col' otherwise, and always on the GPU (CuPy arrays:
+    one large product per layer, the window copy a CUDA kernel). The input gradient of a
+    stride-1 convolution is a forward convolution with ``in_channels`` = the output channels,
+    and chooses by the same rule. Measured in benchmarks/bench_conv.py."""
+    if xp is not np:
         return "im2col"
-    if in_channels < _SHIFTED_MIN_CHANNELS and not input_gradient:
+    kh, kw = geometry.kernel_hw
+    if geometry.strides != (1, 1) or kh * kw == 1 or in_channels < _SHIFTED_MIN_CHANNELS:
         return "im2col"
     hp, wp = geometry.padded_hw
     waste = hp * wp / (geometry.out_hw[0] * geometry.out_hw[1])
     return "shifted" if waste <= _SHIFTED_MAX_WASTE else "im2col"
 
 
-def _resolve_algorithm(fn: str, algorithm, geometry, in_channels, input_gradient=False):
+def _resolve_algorithm(fn, algorithm, geometry, in_channels, xp=np):
     if algorithm is None:
-        return choose_algorithm(geometry, in_channels, input_gradient)
+        return choose_algorithm(geometry, in_channels, xp)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{fn}: algorithm must be one of {ALGORITHMS} or None, "
                          f"got {algorithm!r}")
@@ -239,6 +263,151 @@ def conv2d_transpose_reference(y, w, b=None, strides=(1, 1), dilation=(1, 1), pa
     return out
 
 
+# --------------------------------------------------------------------------- threads and memory
+
+def _openblas_thread_setters():
+    """``(get, set)`` pairs for the OpenBLAS libraries loaded in this process (NumPy's wheel
+    bundles one, SciPy's another), found by name in ``/proc/self/maps``; [] elsewhere or when
+    NumPy uses another BLAS (then the convolutions leave threading to the BLAS)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = sorted({line.split()[-1] for line in maps
+                            if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return []
+    setters = []
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_", "64_"), ("scipy_", ""), ("", ""), ("", "64_")):
+            get = getattr(library, f"{prefix}openblas_get_num_threads{suffix}", None)
+            set_ = getattr(library, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                setters.append((get, set_))
+                break
+    return setters
+
+
+_blas_lock = threading.Lock()
+_blas_state = {"setters": None, "depth": 0, "saved": []}
+
+
+def blas_threads_controllable() -> bool:
+    """Whether ``single_threaded_blas`` can pin NumPy's BLAS to one thread (OpenBLAS on Linux)."""
+    if _blas_state["setters"] is None:
+        with _blas_lock:
+            if _blas_state["setters"] is None:
+                _blas_state["setters"] = _openblas_thread_setters()
+    return bool(_blas_state["setters"])
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Within this block OpenBLAS runs every product on the calling thread.
+
+    The convolutions split their work over ``num_threads()`` threads of their own (each piece a
+    set of whole images or a band of rows, see ``split_work``) rather than let OpenBLAS split
+    each thin product: its threads synchronise once per block of K and spin between calls,
+    while the copies and sums around the products ran on one core. The previous thread count
+    is restored on leaving (nested and concurrent uses count, the last one out restores).
+    """
+    blas_threads_controllable()
+    with _blas_lock:
+        if _blas_state["depth"] == 0:
+            _blas_state["saved"] = [get() for get, _ in _blas_state["setters"]]
+            for _, set_ in _blas_state["setters"]:
+                set_(1)
+        _blas_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_state["depth"] -= 1
+            if _blas_state["depth"] == 0:
+                for (_, set_), count in zip(_blas_state["setters"], _blas_state["saved"]):
+                    set_(count)
+
+
+def conv_threads(xp) -> int:
+    """How many pieces a convolution on arrays of module ``xp`` is cut into: ``num_threads()``
+    ($MINICNN_NUM_THREADS) for NumPy arrays when BLAS can be held to one thread per call; 1 for
+    CuPy (one launch does the whole array) or when it cannot (the BLAS threads each product)."""
+    if xp is not np:
+        return 1
+    threads = num_threads()
+    return threads if threads > 1 and blas_threads_controllable() else 1
+
+
+def split_work(n: int, rows: int, parts: int):
+    """Cut ``n`` images of ``rows`` output rows into about ``parts`` equal pieces
+    ``(n0, n1, h0, h1)``: images n0..n1-1, their rows h0..h1-1.
+
+    Whole images when they share out evenly (or are many); otherwise every image is cut into
+    bands of rows (one image per piece), so that one image on two threads still runs in two
+    halves. Each piece's output is one contiguous block of ``(N, Ho, Wo, O)``.
+    """
+    if parts <= 1:
+        return [(0, n, 0, rows)]
+    if n % parts == 0 or n >= 4 * parts or rows == 1:
+        bounds = [n * k // parts for k in range(parts + 1)]
+        return [(a, b, 0, rows) for a, b in zip(bounds, bounds[1:]) if b > a]
+    bands = min(rows, parts // math.gcd(n, parts))
+    edges = [rows * k // bands for k in range(bands + 1)]
+    return [(i, i + 1, a, b) for i in range(n) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def image_groups(n: int, parts: int):
+    """``split_work`` restricted to whole images (for work whose pieces must not share an
+    image, e.g. the scatter of ``col2im``)."""
+    return split_work(n, 1, min(n, parts))
+
+
+def run_pieces(fn, pieces, xp=np):
+    """[fn(piece) for piece in pieces] in piece order (sums over pieces are deterministic): on
+    the thread pool, BLAS held to one thread, when there are several.
+
+    A single piece (a convolution too small to share out) keeps BLAS on one thread too while
+    the kernels' own threads are in use (``recently_parallel``): a threaded product would wake
+    OpenBLAS's helper threads, which then spin for ~0.1 s on the cores the next pieces need
+    (measured: +60 ms on a 250 ms U-Net step). In a model too small for pieces anywhere, the
+    pool stays idle and OpenBLAS may thread the products itself (1.2-1.5x faster on the small
+    U-Net's 4x64x64 layers than one thread).
+    """
+    if xp is not np or conv_threads(np) == 1:
+        return [fn(piece) for piece in pieces] if len(pieces) == 1 else parallel_map(fn, pieces)
+    if len(pieces) == 1 and not recently_parallel():
+        return [fn(pieces[0])]
+    with single_threaded_blas():
+        return [fn(pieces[0])] if len(pieces) == 1 else parallel_map(fn, pieces)
+
+
+def retain_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30) -> bool:
+    """Opt-in, process-wide: let glibc's malloc keep freed memory for the next allocations.
+
+    A training step allocates and frees the same large activations every step. By default glibc
+    serves each one above 128 KiB-32 MiB (its adaptive threshold) with a fresh ``mmap`` and gives
+    it back on ``free``; the next step's array then page-faults on first touch (the kernel hands
+    out zeroed pages): measured ~12,000 faults and 20-30 ms of a 300 ms U-Net step on two cores.
+    With ``M_MMAP_THRESHOLD`` at 32 MiB (glibc's maximum) and ``M_TRIM_THRESHOLD`` at 1 GiB,
+    freed blocks stay in the heap and are reused. The cost: the process keeps its peak heap.
+    Called by the benchmarks (and meant for the CLI's training commands), never at import.
+    Returns False where the C library is not glibc (nothing is changed).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.restype, mallopt.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3           # glibc's <malloc.h> parameter numbers
+    return bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and \
+        bool(mallopt(m_trim_threshold, int(trim_threshold)))
+
+
 # --------------------------------------------------------------------------- building blocks
 
 _scratch = threading.local()
@@ -270,22 +439,38 @@ def clear_scratch():
     _scratch.__dict__.clear()
 
 
-def pad_input(x, pads, slot=None):
+def pad_input(x, pads, slot=None, out=None):
     """Zero-padded copy ``(N, H+top+bottom, W+left+right, C)``; ``x`` itself when no padding.
 
     With ``slot`` the copy is a reused temporary (see ``scratch``): only for arrays that stay
-    inside the call.
+    inside the call. With ``out`` it is written there. Only the border is zeroed; NumPy arrays
+    are padded in pieces of whole images on the conv threads.
     """
     (top, bottom), (left, right) = pads
-    if top == bottom == left == right == 0:
+    if top == bottom == left == right == 0 and out is None:
         return x
     xp = get_array_module(x)
     n, h, w, c = x.shape
     shape = (n, h + top + bottom, w + left + right, c)
-    out = xp.zeros(shape, dtype=x.dtype) if slot is None else scratch(xp, slot, shape, x.dtype,
-                                                                       zero=True)
-    out[:, top:top + h, left:left + w, :] = x
+    if out is None:
+        out = xp.empty(shape, dtype=x.dtype) if slot is None else scratch(xp, slot, shape,
+                                                                           x.dtype)
+    groups = image_groups(n, conv_threads(xp)) if x.size > _PARALLEL_MIN_SIZE else [(0, n, 0, 1)]
+    run_pieces(lambda p: pad_images(x, out, pads, p[0], p[1]), groups, xp)
     return out
+
+
+def pad_images(x, out, pads, n0, n1):
+    """``out[n0:n1]`` = images n0..n1-1 of x with a zero border ``pads`` (only the border is
+    written with zeros)."""
+    (top, _), (left, _) = pads
+    h, w = x.shape[1:3]
+    block, inner = out[n0:n1], out[n0:n1, top:top + h]
+    block[:, :top] = 0
+    block[:, top + h:] = 0
+    inner[:, :, :left] = 0
+    inner[:, :, left + w:] = 0
+    inner[:, :, left:left + w] = x[n0:n1]
 
 
 def crop_padding(xpad, pads):
@@ -318,45 +503,69 @@ def window_view(xpad, geometry: ConvGeometry):
     return xp.lib.stride_tricks.as_strided(xpad, shape=shape, strides=strides)
 
 
+def _is_pointwise(geometry: ConvGeometry) -> bool:
+    """1x1 kernel, stride 1, no padding: the windows are the pixels themselves."""
+    return geometry.kernel_hw == (1, 1) and geometry.strides == (1, 1) \
+        and geometry.pads == ((0, 0), (0, 0))
+
+
 def im2col(x, geometry: ConvGeometry, slot=None):
     """``cols: (N, Ho, Wo, kh, kw, C)``, every kernel window copied once (one strided copy).
 
     A 1x1 stride-1 unpadded convolution needs no copy: ``cols`` is then ``x`` itself. With
-    ``slot`` the matrix is a reused temporary (see ``scratch``).
+    ``slot`` the matrix is a reused temporary (see ``scratch``). On CuPy arrays it is the CUDA
+    kernel ``kernels.cuda.im2col_gpu`` (unless ``kernels.backend.cuda_kernels_enabled()`` is
+    off).
     """
     xp = get_array_module(x)
+    if xp is not np and cuda_kernels_enabled():
+        return cuda.im2col_gpu(x, geometry)
     n, _, _, c = x.shape
     shape = (n, *geometry.out_hw, *geometry.kernel_hw, c)
-    if geometry.kernel_hw == (1, 1) and geometry.strides == (1, 1) \
-            and geometry.pads == ((0, 0), (0, 0)):
+    if _is_pointwise(geometry):
         return x.reshape(shape)
     cols = xp.empty(shape, dtype=x.dtype) if slot is None else scratch(xp, slot, shape, x.dtype)
     cols[...] = window_view(pad_input(x, geometry.pads, slot="im2col_pad"), geometry)
     return cols
 
 
-def col2im(cols, x_shape, geometry: ConvGeometry):
+def _tiles_exactly(geometry: ConvGeometry, x_shape) -> bool:
+    """Windows that tile the image exactly (kernel == stride, no padding, no dilation: the
+    U-Net's 2x2 up-sampling)."""
+    (ho, wo), (kh, kw) = geometry.out_hw, geometry.kernel_hw
+    return (kh, kw) == geometry.strides and geometry.dilation == (1, 1) \
+        and (ho * kh, wo * kw) == tuple(x_shape[1:3]) and geometry.pads == ((0, 0), (0, 0))
+
+
+def col2im(cols, x_shape, geometry: ConvGeometry, out=None):
     """Adjoint of ``im2col``: add every window ``cols[:, :, :, i, j, :]`` back where it was read.
 
-    Returns ``(N, H, W, C)``. Windows that tile the image exactly (kernel == stride, no padding,
-    no dilation: the U-Net's 2x2 up-sampling) are a pure reshuffle, done as one transposed copy.
+    Returns ``(N, H, W, C)`` (written into ``out`` when given). Windows that tile the image
+    exactly are a pure reshuffle, done as one transposed copy. On CuPy arrays it is the CUDA
+    kernel ``kernels.cuda.col2im_gpu`` (a gather, no atomics).
     """
     xp = get_array_module(cols)
+    if xp is not np and cuda_kernels_enabled() and out is None:
+        return cuda.col2im_gpu(cols, x_shape, geometry)
     n, height, width, c = x_shape
     (ho, wo), (kh, kw) = geometry.out_hw, geometry.kernel_hw
-    (sh, sw), (dh, dw) = geometry.strides, geometry.dilation
-    if (kh, kw) == (sh, sw) and (dh, dw) == (1, 1) and (ho * kh, wo * kw) == (height, width) \
-            and geometry.pads == ((0, 0), (0, 0)):
-        return copy_of(cols.transpose(0, 1, 3, 2, 4, 5)).reshape(x_shape)   # no overlap
-    padded_shape = (n, *geometry.padded_hw, c)
+    if out is None:
+        out = xp.empty(x_shape, dtype=cols.dtype)
+    if _tiles_exactly(geometry, x_shape):                    # no overlap: a reshuffle
+        out.reshape(n, ho, kh, wo, kw, c)[...] = cols.transpose(0, 1, 3, 2, 4, 5)
+        return out
+    (top, bottom), (left, right) = geometry.pads
     if geometry.pads == ((0, 0), (0, 0)):
-        xpad = xp.zeros(padded_shape, dtype=cols.dtype)           # it is the result
+        xpad = out
+        xpad.fill(0)
     else:
-        xpad = scratch(xp, "col2im", padded_shape, cols.dtype, zero=True)
+        xpad = scratch(xp, "col2im", (n, *geometry.padded_hw, c), cols.dtype, zero=True)
     for i in range(kh):
         for j in range(kw):
             xpad[tap_slices(geometry, i, j)] += cols[:, :, :, i, j, :]
-    return crop_padding(xpad, geometry.pads)
+    if xpad is not out:
+        out[...] = xpad[:, top:top + height, left:left + width]
+    return out
 
 
 def tap_slices(geometry: ConvGeometry, i: int, j: int):
@@ -371,10 +580,36 @@ def tap_slices(geometry: ConvGeometry, i: int, j: int):
 
 def sum_over_pixels(grad):
     """``grad: (N, H, W, C) -> (C,)``, the bias gradient, as ``ones @ grad``: a BLAS product is
-    about ten times faster than NumPy's reduction over leading axes here, and sums in blocks."""
+    about ten times faster than NumPy's reduction over leading axes here, and sums in blocks.
+    Large NumPy arrays: one single-threaded product per block of rows on the conv threads, the
+    partial sums added in order (a threaded BLAS call here would wake OpenBLAS's own threads,
+    which then spin for a while on the cores the conv threads use)."""
     xp = get_array_module(grad)
     rows = grad.reshape(-1, grad.shape[-1])
-    return xp.ones(rows.shape[0], dtype=grad.dtype) @ rows
+    if xp is not np:
+        return xp.ones(rows.shape[0], dtype=grad.dtype) @ rows
+    parts = conv_threads(xp) if rows.size > _PARALLEL_MIN_SIZE else 1
+    bounds = [rows.shape[0] * k // parts for k in range(parts + 1)]
+    ones = np.ones(bounds[1] - bounds[0] + 1, dtype=grad.dtype)
+
+    def piece(p):
+        return ones[:p[1] - p[0]] @ rows[p[0]:p[1]]
+    with single_threaded_blas():
+        return _sum_parts(run_pieces(piece, list(zip(bounds, bounds[1:]))))
+
+
+def add_bias(y, b, crop=None):
+    """``y[...] = crop + b`` (or ``y += b`` without ``crop``), b: (C,) over y: (..., W, C).
+
+    The bias is tiled along W so that NumPy's inner loop runs over W*C values rather than C:
+    with 8-16 channels that is 5x faster. ``crop``: a view whose rows of W*C values are each
+    contiguous (the output inside a padded grid)."""
+    xp = get_array_module(y)
+    width, c = y.shape[-2], y.shape[-1]
+    rows = y.reshape(*y.shape[:-2], width * c)
+    source = rows if crop is None else crop.reshape(*crop.shape[:-2], width * c)
+    xp.add(source, xp.tile(b, width) if width > 1 else b, out=rows)
+    return y
 
 
 def row_shifts(geometry: ConvGeometry):
@@ -395,6 +630,36 @@ def embed_in_padded_grid(grad_y, geometry: ConvGeometry):
     return grid.reshape(n * hp * wp, n_out)
 
 
+class _Grid:
+    """Where piece ``(n0, n1, h0, h1)`` of a stride-1 output lives in the flattened padded grid
+    ("shifted"): its first grid row ``start``, the ``count`` rows computed (the last rows'
+    dropped border columns are cut where the windows would run past the array) and the
+    ``(images, grid_h, Wp)`` block they fill (whole padded images, or one band of rows)."""
+
+    def __init__(self, geometry: ConvGeometry, n_images: int, piece):
+        hp, wp = geometry.padded_hw
+        n0, n1, h0, h1 = piece
+        self.images, self.rows = n1 - n0, h1 - h0
+        self.grid_h = hp if self.images > 1 else self.rows
+        self.start = (n0 * hp + h0) * wp
+        limit = n_images * hp * wp - row_shifts(geometry)[-1][2]
+        self.count = min(((self.images - 1) * self.grid_h + self.rows) * wp, limit - self.start)
+        self.size = self.images * self.grid_h * wp
+        self.wp = wp
+
+    def crop(self, grid, out_w):
+        """The piece's outputs ``(images, rows, Wo, O)`` in a grid of ``size`` rows."""
+        return grid.reshape(self.images, self.grid_h, self.wp, -1)[:, :self.rows, :out_w]
+
+
+# Below this many values (4 MB of float32) an array is padded or summed on one thread; below
+# this many multiply-adds a convolution runs as one piece. The pool's hand-off costs 30 us and
+# two threads' many small NumPy calls contend for the GIL: measured on the small U-Net's
+# 4x64x64 layers (9-19 M multiply-adds), two pieces were no faster than one.
+_PARALLEL_MIN_SIZE = 1 << 20
+_PARALLEL_MIN_MACS = 1 << 25
+
+
 # --------------------------------------------------------------------------- forward
 
 def conv2d_forward(x, w, b=None, strides=(1, 1), dilation=(1, 1), padding="valid",
@@ -406,6 +671,9 @@ def conv2d_forward(x, w, b=None, strides=(1, 1), dilation=(1, 1), padding="valid
     With ``return_workspace=True`` returns ``(y, workspace)``: the array the filter gradient
     reads (im2col: the window matrix; shifted: the padded input), to hand to
     ``conv2d_backward(..., workspace=...)`` so it is not rebuilt.
+    NumPy arrays are computed in pieces of whole images (or bands of rows) on ``conv_threads``
+    threads, each piece's products on one BLAS thread; the bias is added while the piece's
+    output is in cache.
     """
     fn = "conv2d_forward"
     _check_conv_args(fn, x, w, b)
@@ -413,28 +681,139 @@ def conv2d_forward(x, w, b=None, strides=(1, 1), dilation=(1, 1), padding="valid
     n, height, width, c = x.shape
     kh, kw, _, n_out = w.shape
     g = conv_geometry(fn, (height, width), (kh, kw), strides, dilation, padding)
-    algorithm = _resolve_algorithm(fn, algorithm, g, c)
-    keep = None if return_workspace else "workspace"     # a kept workspace must be fresh
-    if algorithm == "im2col":
-        workspace = im2col(x, g, slot=keep)                         # (N, Ho, Wo, kh, kw, C)
-        y = workspace.reshape(-1, kh * kw * c) @ w.reshape(kh * kw * c, n_out)
-        y = y.reshape(n, *g.out_hw, n_out)
-    else:
-        workspace = pad_input(x, g.pads, slot=keep)                 # (N, Hp, Wp, C)
-        hp, wp = g.padded_hw
-        rows = workspace.reshape(n * hp * wp, c)
-        shifts = row_shifts(g)
-        m = rows.shape[0] - shifts[-1][2]           # grid rows whose whole window is in the array
-        grid = scratch(xp, "y_grid", (n * hp * wp, n_out), x.dtype)
-        acc, term = grid[:m], scratch(xp, "term", (m, n_out), x.dtype)
-        for k, (i, j, shift) in enumerate(shifts):  # y = sum_ij xpad[shift_ij + row] @ w[i, j]
-            xp.matmul(rows[shift:shift + m], w[i, j], out=acc if k == 0 else term)
-            if k:
-                acc += term
-        y = copy_of(grid.reshape(n, hp, wp, n_out)[:, :g.out_hw[0], :g.out_hw[1]])
-    if b is not None:
-        y += b
+    algorithm = _resolve_algorithm(fn, algorithm, g, c, xp=xp)
+    y, workspace = _forward(x, w, b, g, algorithm, keep=return_workspace)
     return (y, workspace) if return_workspace else y
+
+
+def _forward(x, w, b, g, algorithm, keep, slot="workspace"):
+    """(y, workspace) of the resolved ``algorithm``; the workspace a new array when ``keep``,
+    else a reused temporary in ``slot`` (shifted) or nothing (im2col)."""
+    xp = get_array_module(x, w)
+    n, c, n_out = x.shape[0], x.shape[3], w.shape[3]
+    y = xp.empty((n, *g.out_hw, n_out), dtype=x.dtype)
+    pieces = _pieces(xp, n, g, c * n_out)
+    if algorithm == "im2col":
+        return y, _forward_im2col(x, w, b, g, y, pieces, keep=keep)
+    return y, _forward_shifted(x, w, b, g, y, pieces, keep=keep, slot=slot)
+
+
+def _pieces(xp, n, g, macs_per_tap):
+    """``split_work`` for this convolution: one piece when it is small or not on NumPy."""
+    parts = conv_threads(xp)
+    macs = n * g.out_hw[0] * g.out_hw[1] * g.kernel_hw[0] * g.kernel_hw[1] * macs_per_tap
+    return split_work(n, g.out_hw[0], parts if macs >= _PARALLEL_MIN_MACS else 1)
+
+
+def _forward_im2col(x, w, b, g, y, pieces, keep):
+    """y = cols @ w per piece, ``cols`` the piece's windows: kept (and returned) when ``keep``,
+    else a per-thread temporary. CuPy: one ``im2col`` (the CUDA kernel) and one product."""
+    xp = get_array_module(x, w)
+    kh, kw, c, n_out = w.shape
+    k = kh * kw * c
+    w_mat = w.reshape(k, n_out)
+    if xp is not np:
+        cols = im2col(x, g, slot=None if keep else "workspace")
+        xp.matmul(cols.reshape(-1, k), w_mat, out=y.reshape(-1, n_out))
+        if b is not None:
+            y += b
+        return cols
+    windows = None
+    if _is_pointwise(g):                            # the windows are the pixels: no copy
+        cols_all = im2col(x, g)
+    else:
+        windows = window_view(pad_input(x, g.pads, slot="im2col_pad"), g)
+        cols_all = xp.empty((x.shape[0], *g.out_hw, kh, kw, c), dtype=x.dtype) if keep else None
+
+    def piece(p):
+        n0, n1, h0, h1 = p
+        if cols_all is not None:
+            cols = cols_all[n0:n1, h0:h1]
+        else:
+            cols = scratch(xp, "cols", (n1 - n0, h1 - h0, g.out_hw[1], kh, kw, c), x.dtype)
+        if windows is not None:
+            cols[...] = windows[n0:n1, h0:h1]
+        xp.matmul(cols.reshape(-1, k), w_mat, out=y[n0:n1, h0:h1].reshape(-1, n_out))
+        if b is not None:
+            add_bias(y[n0:n1, h0:h1], b)
+    run_pieces(piece, pieces, xp)
+    return cols_all
+
+
+def _forward_shifted(x, w, b, g, y, pieces, keep=False, slot="workspace"):
+    """y = sum_ij xpad_rows[shift_ij + r] @ w[i, j] over the flattened padded grid, grouped by
+    kernel row: ``y = sum_i row_taps[i*dh*Wp + r] @ w[i]`` (``row_taps``: the kw taps of a row
+    side by side, see ``row_taps``), kh products of K = kw*C. Per piece, in chunks of rows
+    whose taps stay in cache; a piece of whole images pads them itself first (they are then in
+    cache for the products), and the piece's outputs (and the bias) are copied out of its
+    per-thread grid while they are in cache. Returns the padded input (a new array when
+    ``keep``, else the reused temporary ``slot``; x itself without padding)."""
+    xp = get_array_module(x, w)
+    n, _, _, c = x.shape
+    hp, wp = g.padded_hw
+    (kh, kw), dh = g.kernel_hw, g.dilation[0]
+    n_out = w.shape[3]
+    padded = g.pads != ((0, 0), (0, 0))
+    if not padded:
+        xpad = x
+    elif keep:
+        xpad = xp.empty((n, hp, wp, c), dtype=x.dtype)
+    else:
+        xpad = scratch(xp, slot, (n, hp, wp, c), x.dtype)
+    pad_in_pieces = padded and all(p[2:] == (0, g.out_hw[0]) for p in pieces)
+    if padded and not pad_in_pieces:           # bands read their neighbours' rows: pad first
+        pad_input(x, g.pads, out=xpad)
+    rows = xpad.reshape(-1, c)
+    w_rows = xp.ascontiguousarray(w).reshape(kh, kw * c, n_out)
+    chunk = _chunk_rows(kw * c, x.itemsize)
+
+    def piece(p):
+        n0, n1, h0, h1 = p
+        if pad_in_pieces:
+            pad_images(x, xpad, g.pads, n0, n1)
+        place = _Grid(g, n, p)
+        grid = scratch(xp, "y_grid", (place.size, n_out), y.dtype)
+        for first in range(0, place.count, chunk):
+            count = min(chunk, place.count - first)
+            taps = row_taps(rows, place.start + first, count, g)
+            acc = grid[first:first + count]
+            term = scratch(xp, "term", (count, n_out), y.dtype)
+            for i in range(kh):
+                xp.matmul(taps[i * dh * wp:i * dh * wp + count], w_rows[i],
+                          out=acc if i == 0 else term)
+                if i:
+                    acc += term
+        if b is None:
+            y[n0:n1, h0:h1] = place.crop(grid, g.out_hw[1])
+        else:
+            add_bias(y[n0:n1, h0:h1], b, crop=place.crop(grid, g.out_hw[1]))
+    run_pieces(piece, pieces, xp)
+    return xpad
+
+
+# About this many bytes of ``row_taps`` per chunk (L2-sized: the chunk's kh products and the
+# sums over them then run from cache; measured 5-45% faster than whole pieces at 64x64-128x128).
+_TAPS_BYTES = 2 << 20
+
+
+def _chunk_rows(row_values, itemsize):
+    return int(min(16384, max(1024, _TAPS_BYTES // (row_values * itemsize))))
+
+
+def row_taps(rows, start, count, g, slot="row_taps"):
+    """``taps[t] = [rows[start + t + j*dw] for j in 0..kw-1]`` for t < count + (kh-1)*dh*Wp:
+    the kw taps of each row of the flattened padded grid side by side, ``(span, kw*C)`` (a
+    per-thread temporary). Kernel row i's taps for grid rows start..start+count-1 are then the
+    contiguous rows ``taps[i*dh*Wp:i*dh*Wp + count]``."""
+    xp = get_array_module(rows)
+    (kh, kw), (dh, dw) = g.kernel_hw, g.dilation
+    c = rows.shape[1]
+    span = count + (kh - 1) * dh * g.padded_hw[1]
+    taps = scratch(xp, slot, (span, kw, c), rows.dtype)
+    taps[...] = xp.lib.stride_tricks.as_strided(
+        rows[start:], shape=(span, kw, c),
+        strides=(rows.strides[0], dw * rows.strides[0], rows.strides[1]))
+    return taps.reshape(span, kw * c)
 
 
 # --------------------------------------------------------------------------- backward
@@ -447,6 +826,14 @@ def conv2d_backward(grad_y, x, w, strides=(1, 1), dilation=(1, 1), padding="vali
     ``grad_y: (N, Ho, Wo, O)``. ``x`` is needed only for the filter gradient (or pass the
     ``workspace`` that ``conv2d_forward(..., return_workspace=True)`` returned, with the same
     ``algorithm``); for the input gradient alone pass ``x=None, x_shape=(N, H, W, C)``.
+
+    - dw: one reduction over the pixels, in pieces whose partial sums are added in piece order
+      (deterministic); db comes with it, from the same pieces while ``dy`` is in cache.
+    - dx, stride 1: the duality made literal: the input gradient of a stride-1 convolution is
+      the *forward* convolution of ``dy`` with the kernel turned by 180 degrees and its two
+      channel axes swapped, on ``dy`` padded by ``(k-1)*d - pad`` on each side (a negative
+      amount crops). So it runs the tuned forward kernels.
+    - dx, stride > 1: ``col2im(dy @ w.T)``, one piece per group of whole images.
     """
     fn = "conv2d_backward"
     if x is not None:
@@ -461,88 +848,193 @@ def conv2d_backward(grad_y, x, w, strides=(1, 1), dilation=(1, 1), padding="vali
         raise ValueError(f"{fn}: input shape {x_shape} does not fit kernel {tuple(w.shape)} "
                          "(expected (N, H, W, C) and (kh, kw, C, O))")
     _check_float(fn, grad_y=grad_y, w=w)
+    xp = get_array_module(grad_y, w)
     n, height, width, c = x_shape
     kh, kw, _, n_out = w.shape
     g = conv_geometry(fn, (height, width), (kh, kw), strides, dilation, padding)
     _check_grad_shape(fn, grad_y, (n, *g.out_hw, n_out))
-    dx = dw = dy_rows = None
-    db = sum_over_pixels(grad_y) if need_bias else None
-    if need_filter:             # same algorithm as the forward, whose workspace it reads
-        if _resolve_algorithm(fn, algorithm, g, c) == "im2col":
-            cols = im2col(x, g, slot="workspace") if workspace is None else workspace
-            _check_workspace(fn, cols, (n, *g.out_hw, kh, kw, c))
-            dw = _filter_gradient_im2col(cols, grad_y, w.shape)
+    dx = dw = db = dy_grid = None
+    filter_algorithm = _resolve_algorithm(fn, algorithm, g, c, xp=xp) if need_filter else None
+    if need_input:
+        if g.strides == (1, 1):
+            dx, dy_grid = _input_gradient_as_forward(grad_y, w, x_shape, g, algorithm,
+                                                     share=filter_algorithm == "shifted")
         else:
-            xpad = pad_input(x, g.pads, slot="workspace") if workspace is None else workspace
-            _check_workspace(fn, xpad, (n, *g.padded_hw, c))
-            dy_rows = embed_in_padded_grid(grad_y, g)
-            dw = _filter_gradient_shifted(xpad, dy_rows, w.shape, g)
-    if need_input:              # chosen on its own: it reads only grad_y and w
-        if _resolve_algorithm(fn, algorithm, g, c, input_gradient=True) == "im2col":
             dx = _input_gradient_im2col(grad_y, w, x_shape, g)
-        else:
-            dy_rows = embed_in_padded_grid(grad_y, g) if dy_rows is None else dy_rows
-            dx = _input_gradient_shifted(dy_rows, w, x_shape, g)
+    if filter_algorithm == "im2col":    # same algorithm as the forward, whose workspace it reads
+        if workspace is not None:
+            _check_workspace(fn, workspace, (n, *g.out_hw, kh, kw, c))
+        dw, db = _filter_gradient_im2col(workspace, x, grad_y, w.shape, g, need_bias)
+    elif filter_algorithm == "shifted":
+        if workspace is None:
+            workspace = pad_input(x, g.pads, slot="workspace")
+        _check_workspace(fn, workspace, (n, *g.padded_hw, c))
+        dw, db = _filter_gradient_shifted(workspace, grad_y, w.shape, g, need_bias, dy_grid)
+    elif need_bias:
+        db = _bias_gradient(grad_y, _pieces(xp, n, g, n_out))
     return dx, dw, db
 
 
-def _filter_gradient_im2col(cols, grad_y, w_shape):
-    """dw = cols.T @ dy: ``(kh*kw*C, N*Ho*Wo) @ (N*Ho*Wo, O)``, one matrix product."""
-    k = math.prod(w_shape[:3])
-    return (cols.reshape(-1, k).T @ grad_y.reshape(-1, w_shape[3])).reshape(w_shape)
+def _sum_parts(parts):
+    """The per-piece partial sums added in piece order (None stays None)."""
+    if parts[0] is None:
+        return None
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def _bias_gradient(grad_y, pieces):
+    """db = sum of dy over the pixels, per piece then added in order."""
+    def piece(p):
+        n0, n1, h0, h1 = p
+        return sum_over_pixels(grad_y[n0:n1, h0:h1])
+    return _sum_parts(run_pieces(piece, pieces, get_array_module(grad_y)))
+
+
+def _filter_gradient_im2col(cols_all, x, grad_y, w_shape, g, need_bias):
+    """dw = cols.T @ dy: ``(kh*kw*C, N*Ho*Wo) @ (N*Ho*Wo, O)``, per piece (partial sums added
+    in order); ``cols_all`` the forward's window matrix, or None to build each piece's from x."""
+    xp = get_array_module(grad_y)
+    n, kh, kw, c, n_out = grad_y.shape[0], *w_shape
+    k = kh * kw * c
+    if cols_all is None and (xp is not np or _is_pointwise(g)):
+        cols_all = im2col(x, g, slot="workspace")
+    windows = None if cols_all is not None else \
+        window_view(pad_input(x, g.pads, slot="im2col_pad"), g)
+
+    def piece(p):
+        n0, n1, h0, h1 = p
+        if cols_all is not None:
+            cols = cols_all[n0:n1, h0:h1]
+        else:
+            cols = scratch(xp, "cols", (n1 - n0, h1 - h0, g.out_hw[1], kh, kw, c), grad_y.dtype)
+            cols[...] = windows[n0:n1, h0:h1]
+        dy = grad_y[n0:n1, h0:h1].reshape(-1, n_out)
+        dw = cols.reshape(-1, k).T @ dy
+        return dw, (sum_over_pixels(dy) if need_bias else None)
+    parts = run_pieces(piece, _pieces(xp, n, g, c * n_out), xp)
+    return _sum_parts([p[0] for p in parts]).reshape(w_shape), _sum_parts([p[1] for p in parts])
+
+
+def _filter_gradient_shifted(xpad, grad_y, w_shape, g, need_bias, dy_grid=None):
+    """dw[i, j] = sum_r xpad_rows[shift_ij + r].T @ dy_rows[r] over the flattened padded grid,
+    ``dy_rows`` being dy at the top-left of the padded grid (zero on the dropped border).
+
+    Grouped by kernel row as the forward: ``dw[i] = sum_r row_taps[i*dh*Wp + r].T @ dy_rows[r]``,
+    kh products of M = kw*C per chunk of rows (the chunk's taps in cache: long thin products
+    that stream the whole piece ran 1.3-2x slower), partial sums added in order. db comes from
+    the same piece of dy. ``dy_grid``: ``(rows, offset)``, dy already in a zero-bordered grid of
+    the same (Hp, Wp) (the input gradient's padded dy), dy_rows[r] = rows[offset + r]; else
+    each piece places its dy in a per-thread grid."""
+    xp = get_array_module(xpad, grad_y)
+    n, _, wp, c = xpad.shape
+    (kh, kw), dh = g.kernel_hw, g.dilation[0]
+    n_out = w_shape[3]
+    rows = xpad.reshape(-1, c)
+    wo = g.out_hw[1]
+    chunk = _chunk_rows(kw * c, xpad.itemsize)
+
+    def piece(p):
+        n0, n1, h0, h1 = p
+        place = _Grid(g, n, p)
+        if dy_grid is not None:
+            shared, offset = dy_grid
+            grid = shared[offset + place.start:offset + place.start + place.count]
+        else:
+            grid = scratch(xp, "dy_grid", (place.size, n_out), grad_y.dtype)
+            inside = grid.reshape(place.images, place.grid_h, wp, n_out)
+            inside[:, :place.rows, wo:] = 0
+            inside[:, place.rows:] = 0
+            inside[:, :place.rows, :wo] = grad_y[n0:n1, h0:h1]
+        dw = xp.empty((kh, kw * c, n_out), dtype=grad_y.dtype)
+        part = scratch(xp, "dw_part", (kw * c, n_out), grad_y.dtype)
+        for first in range(0, place.count, chunk):
+            count = min(chunk, place.count - first)
+            taps = row_taps(rows, place.start + first, count, g)
+            dy_rows = grid[first:first + count]
+            for i in range(kh):
+                taps_i = taps[i * dh * wp:i * dh * wp + count].T
+                if first == 0:
+                    xp.matmul(taps_i, dy_rows, out=dw[i])
+                else:
+                    xp.matmul(taps_i, dy_rows, out=part)
+                    dw[i] += part
+        db = sum_over_pixels(grad_y[n0:n1, h0:h1]) if need_bias else None
+        return dw, db
+    parts = run_pieces(piece, _pieces(xp, n, g, c * n_out), xp)
+    return _sum_parts([p[0] for p in parts]).reshape(w_shape), _sum_parts([p[1] for p in parts])
+
+
+def flipped_kernel(w):
+    """``(kh, kw, C, O) -> (kh, kw, O, C)``: turned by 180 degrees, channel axes swapped (the
+    kernel whose forward convolution is the input gradient of ``w``'s)."""
+    xp = get_array_module(w)
+    return xp.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+
+
+def _input_gradient_as_forward(grad_y, w, x_shape, g, algorithm=None, share=False):
+    """dx of a stride-1 convolution as the forward convolution of dy with ``flipped_kernel(w)``.
+
+    From y[oy] = sum_i w[i] xpad[oy + i*d]: dx[r] = sum_i w[i].T dy[r + top - i*d]; with
+    i' = kh-1-i that reads dy padded by ``(kh-1)*d - top`` above (and ``(kh-1)*d - bottom``
+    below) at r + i'*d: a correlation. Paddings larger than the window's reach give a negative
+    amount: those rows of dy only ever saw zeros and are cropped away.
+
+    Returns ``(dx, dy_grid)``. With ``share`` and a 'same'-like padding (top + bottom and
+    left + right equal to the reach, so the padded dy has the forward's (Hp, Wp)), the padded
+    dy the forward ran on is also the filter gradient's dy grid: ``dy_grid = (rows, offset)``
+    with dy at the top-left ``offset`` rows further on (its zero border is the grid's dropped
+    border); else None.
+    """
+    (kh, kw), (dh, dw) = g.kernel_hw, g.dilation
+    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
+    (top, bottom), (left, right) = g.pads
+    amounts = ((reach_h - top, reach_h - bottom), (reach_w - left, reach_w - right))
+    crop = [[max(0, -a) for a in pair] for pair in amounts]
+    if any(v for pair in crop for v in pair):
+        (ct, cb), (cl, cr) = crop
+        grad_y = copy_of(grad_y[:, ct:grad_y.shape[1] - cb, cl:grad_y.shape[2] - cr])
+    pads = tuple(tuple(max(0, a) for a in pair) for pair in amounts)
+    share = share and not any(v for pair in crop for v in pair) \
+        and top + bottom == reach_h and left + right == reach_w
+    fn = "conv2d_backward (input gradient)"
+    w_flip = flipped_kernel(w)
+    twin = conv_geometry(fn, grad_y.shape[1:3], (kh, kw), (1, 1), g.dilation, pads)
+    algorithm = _resolve_algorithm(fn, algorithm, twin, grad_y.shape[3],
+                                   xp=get_array_module(grad_y))
+    dx, workspace = _forward(grad_y, w_flip, None, twin, algorithm, keep=False, slot="dy_pad")
+    if dx.shape != tuple(x_shape):          # cannot happen for a valid geometry; guards a bug
+        raise AssertionError(f"{fn}: {dx.shape} vs {x_shape}")
+    if not share or algorithm != "shifted":
+        return dx, None
+    offset = pads[0][0] * g.padded_hw[1] + pads[1][0]
+    return dx, (workspace.reshape(-1, grad_y.shape[3]), offset)
 
 
 def _input_gradient_im2col(grad_y, w, x_shape, g):
-    """dx = col2im(dy @ w.T): each window's gradient, scattered back where it was read."""
+    """dx = col2im(dy @ w.T): each window's gradient, scattered back where it was read; per
+    group of whole images (windows of different images never overlap)."""
     xp = get_array_module(grad_y, w)
     kh, kw, c, n_out = w.shape
-    dcols = scratch(xp, "dcols", (x_shape[0], *g.out_hw, kh, kw, c), grad_y.dtype)
-    xp.matmul(grad_y.reshape(-1, n_out), w.reshape(kh * kw * c, n_out).T,
-              out=dcols.reshape(-1, kh * kw * c))
-    return col2im(dcols, x_shape, g)
+    k = kh * kw * c
+    w_t = w.reshape(k, n_out).T
+    n = x_shape[0]
+    if xp is not np:
+        dcols = xp.matmul(grad_y.reshape(-1, n_out), w_t)
+        return col2im(dcols.reshape(n, *g.out_hw, kh, kw, c), x_shape, g)
+    dx = xp.empty(x_shape, dtype=grad_y.dtype)
+    pieces = _pieces(xp, n, g, c * n_out)
+    pieces = image_groups(n, len(pieces)) if len(pieces) > 1 else pieces
 
-
-def _filter_gradient_shifted(xpad, dy_rows, w_shape, g):
-    """dw[i, j] = xpad_rows[shift_ij + r].T @ dy_rows[r], grouped by kernel row: the kw taps of
-    a row are copied side by side once (``row_taps[r] = xpad_rows[r + j*dw]``, j = 0..kw-1),
-    then ``dw[i] = row_taps[i*dh*Wp + r].T @ dy_rows[r]``, kh products of K = kw*C rows. (Nine
-    (C, m) @ (m, O) products with C = O = 16 ran at a third of this speed on 2 threads.)
-    ``dy_rows: (N*Hp*Wp, O)`` from ``embed_in_padded_grid``."""
-    xp = get_array_module(xpad, dy_rows)
-    n, hp, wp, c = xpad.shape
-    (kh, kw), (dh, dw_) = g.kernel_hw, g.dilation
-    rows = xpad.reshape(n * hp * wp, c)
-    taps = rows.shape[0] - (kw - 1) * dw_                  # rows whose kw taps are all inside
-    row_taps = scratch(xp, "row_taps", (taps, kw, c), xpad.dtype)
-    row_taps[...] = xp.lib.stride_tricks.as_strided(
-        rows, shape=(taps, kw, c), strides=(rows.strides[0], dw_ * rows.strides[0],
-                                            rows.strides[1]))
-    row_taps = row_taps.reshape(taps, kw * c)
-    m = rows.shape[0] - row_shifts(g)[-1][2]
-    dw = xp.empty(w_shape, dtype=dy_rows.dtype)
-    for i in range(kh):
-        start = i * dh * wp
-        xp.matmul(row_taps[start:start + m].T, dy_rows[:m], out=dw[i].reshape(kw * c, -1))
-    return dw
-
-
-def _input_gradient_shifted(dy_rows, w, x_shape, g):
-    """dxpad_rows[shift_ij + r] += dy_rows[r] @ w[i, j].T: one product per kernel offset.
-    ``dy_rows: (N*Hp*Wp, O)`` from ``embed_in_padded_grid``."""
-    xp = get_array_module(dy_rows, w)
-    n, _, _, c = x_shape
-    hp, wp = g.padded_hw
-    shifts = row_shifts(g)
-    m = n * hp * wp - shifts[-1][2]
-    if g.pads == ((0, 0), (0, 0)):
-        dx_rows = xp.zeros((n * hp * wp, c), dtype=dy_rows.dtype)   # it is the result
-    else:
-        dx_rows = scratch(xp, "dx_grid", (n * hp * wp, c), dy_rows.dtype, zero=True)
-    term = scratch(xp, "term", (m, c), dy_rows.dtype)
-    for i, j, shift in shifts:
-        xp.matmul(dy_rows[:m], w[i, j].T, out=term)
-        dx_rows[shift:shift + m] += term
-    return crop_padding(dx_rows.reshape(n, hp, wp, c), g.pads)
+    def piece(p):
+        n0, n1 = p[0], p[1]
+        dcols = scratch(xp, "dcols", (n1 - n0, *g.out_hw, kh, kw, c), grad_y.dtype)
+        xp.matmul(grad_y[n0:n1].reshape(-1, n_out), w_t, out=dcols.reshape(-1, k))
+        col2im(dcols, (n1 - n0, *x_shape[1:]), g, out=dx[n0:n1])
+    run_pieces(piece, pieces, xp)
+    return dx
 
 
 def _check_workspace(fn, workspace, expected):
@@ -634,7 +1126,7 @@ def conv2d_transpose_forward(y, w, b=None, strides=(1, 1), dilation=(1, 1), padd
                                   output_padding)
     out = conv2d_backward_input(y, w, out_shape, strides, dilation, pads, algorithm)
     if b is not None:
-        out += b
+        add_bias(out, b)
     return out
 
 

@@ -193,3 +193,22 @@ def test_bad_inputs_raise():
         A.leaky_relu_forward(np.ones(3), alpha=-0.1)
     with pytest.raises(ValueError, match=r"relu_backward: gradient shape \(2,\) differs"):
         A.relu_backward(np.ones(2), np.ones(3))
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_relu_in_blocks_on_threads_equals_reference(monkeypatch, threads):
+    """Large arrays run in blocks on the thread pool: tiny blocks force that path (several
+    blocks per thread, a ragged last block, a non-contiguous input)."""
+    monkeypatch.setattr(A, "ELEMENTWISE_BLOCK_BYTES", 40)
+    monkeypatch.setenv("MINICNN_NUM_THREADS", threads)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 7, 5, 4))[:, ::2]                # (3, 4, 5, 4), not contiguous
+    x[0, 0, 0] = 0.0
+    y = A.relu_forward(x)
+    assert y.flags.c_contiguous
+    np.testing.assert_array_equal(y, A.relu_reference(x))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    y32 = y.astype(np.float32)
+    dx = A.relu_backward(dy, y32)
+    assert dx.dtype == np.float32
+    np.testing.assert_array_equal(dx, A.relu_backward_reference(dy, y32))

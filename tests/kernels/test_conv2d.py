@@ -377,3 +377,197 @@ def test_transpose_bad_input_raises(rng):
         K.conv2d_transpose_forward(y, rng.standard_normal((3, 3, 2, 5)))
     with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
         K.conv2d_transpose_forward(y, w, np.zeros(2))
+
+
+# --------------------------------------------------------------------------- pieces and threads
+
+@pytest.fixture
+def in_pieces(monkeypatch):
+    """Force the threaded NumPy path on tiny shapes: ``threads`` pieces whatever the size or the
+    BLAS, and chunks of 5 rows (so a piece's chunk loop runs several times)."""
+    def set_threads(threads):
+        monkeypatch.setenv("MINICNN_NUM_THREADS", str(threads))
+        monkeypatch.setattr(K, "conv_threads", lambda xp: threads if xp is np else 1)
+        monkeypatch.setattr(K, "_PARALLEL_MIN_MACS", 0)
+        monkeypatch.setattr(K, "_PARALLEL_MIN_SIZE", 0)
+        monkeypatch.setattr(K, "_chunk_rows", lambda values, itemsize: 5)
+    return set_threads
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(s=conv_settings(), threads=st.integers(2, 3))
+def test_pieces_and_chunks_match_reference(in_pieces, s, threads):
+    """Whole-image pieces, bands of rows (batches that do not share out), chunked row taps, the
+    padded dy shared by both gradients: every path against the textbook loops."""
+    in_pieces(threads)
+    rng = np.random.default_rng(8)
+    x, w, b = arrays(rng, s)
+    settings_ = (s["strides"], s["dilation"], s["padding"])
+    y_ref = K.conv2d_reference(x, w, b, *settings_)
+    gy = rng.standard_normal(y_ref.shape)
+    dx_ref, dw_ref, db_ref = K.conv2d_backward_reference(x, w, gy, *settings_)
+    for algorithm in algorithms_for(s):
+        y, workspace = K.conv2d_forward(x, w, b, *settings_, algorithm=algorithm,
+                                        return_workspace=True)
+        assert rel_err(y, y_ref) < 1e-10, algorithm
+        for given_x, given_ws in ((x, None), (None, workspace)):
+            dx, dw, db = K.conv2d_backward(gy, given_x, w, *settings_, algorithm=algorithm,
+                                           workspace=given_ws, x_shape=x.shape)
+            assert rel_err(dx, dx_ref) < 1e-10, algorithm
+            assert rel_err(dw, dw_ref) < 1e-10 and rel_err(db, db_ref) < 1e-10, algorithm
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(s=transpose_settings())
+def test_transpose_in_pieces_matches_reference(in_pieces, s):
+    in_pieces(2)
+    rng = np.random.default_rng(9)
+    y = rng.standard_normal((s["n"], s["h"], s["w"], s["c_in"]))
+    w = rng.standard_normal((*s["kernel"], s["c_out"], s["c_in"]))
+    b = rng.standard_normal(s["c_out"])
+    out = K.conv2d_transpose_forward(y, w, b, *transpose_args(s))
+    assert rel_err(out, K.conv2d_transpose_reference(y, w, b, *transpose_args(s))) < 1e-10
+    g = rng.standard_normal(out.shape)
+    _, pads = shapes.conv_transpose2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"],
+                                               s["dilation"], s["padding"], s["output_padding"])
+    dy, dw, db = K.conv2d_transpose_backward(g, y, w, *transpose_args(s))
+    dw_ref = K.conv2d_backward_reference(g, w, y, s["strides"], s["dilation"], pads)[1]
+    assert rel_err(dy, K.conv2d_reference(g, w, None, s["strides"], s["dilation"], pads)) < 1e-10
+    assert rel_err(dw, dw_ref) < 1e-10
+    assert rel_err(db, g.sum(axis=(0, 1, 2))) < 1e-12
+
+
+def test_pieces_float32_gradients_against_float64(in_pieces, rng):
+    """The U-Net's shapes in miniature, float32 in pieces, against the float64 whole-array
+    result: the piecewise sums lose no more than float32 rounding."""
+    in_pieces(2)
+    x = rng.standard_normal((3, 12, 10, 8))
+    w = rng.standard_normal((3, 3, 8, 6)) * 0.2
+    g = rng.standard_normal((3, 12, 10, 6))
+    dx64, dw64, db64 = K.conv2d_backward(g, x, w, padding="same")
+    y64 = K.conv2d_forward(x, w, None, padding="same")
+    f = [a.astype(np.float32) for a in (x, w, g)]
+    y32 = K.conv2d_forward(f[0], f[1], None, padding="same")
+    dx32, dw32, db32 = K.conv2d_backward(f[2], f[0], f[1], padding="same")
+    for a32, a64 in ((y32, y64), (dx32, dx64), (dw32, dw64), (db32, db64)):
+        assert a32.dtype == np.float32
+        assert rel_err(a32, a64) < 2e-6
+
+
+@pytest.mark.parametrize("n, rows, parts", [(8, 5, 2), (3, 7, 2), (1, 9, 2), (1, 1, 4), (6, 4, 4),
+                                            (5, 3, 3), (2, 16, 8), (20, 2, 3)])
+def test_split_work_covers_every_output_row_once(n, rows, parts):
+    pieces = K.split_work(n, rows, parts)
+    covered = np.zeros((n, rows), dtype=int)
+    for n0, n1, h0, h1 in pieces:
+        assert 0 <= n0 < n1 <= n and 0 <= h0 < h1 <= rows
+        assert h0 == 0 and h1 == rows or n1 == n0 + 1      # whole images, or one image's band
+        covered[n0:n1, h0:h1] += 1
+    assert (covered == 1).all()
+    sizes = [(n1 - n0) * (h1 - h0) for n0, n1, h0, h1 in pieces]
+    if n % parts == 0 or n >= 4 * parts:
+        assert len(pieces) == min(n, parts) if n % parts == 0 else len(pieces) == parts
+    assert max(sizes) <= 2 * min(sizes) or rows == 1          # shared out about evenly
+    assert K.split_work(n, rows, 1) == [(0, n, 0, rows)]
+
+
+def test_single_threaded_blas_restores_the_thread_count():
+    if not K.blas_threads_controllable():
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can find")
+    gets = [get for get, _ in K._blas_state["setters"]]
+    before = [get() for get in gets]
+    with K.single_threaded_blas():
+        assert [get() for get in gets] == [1] * len(gets)
+        with K.single_threaded_blas():                      # nested: still one, restored once
+            assert [get() for get in gets] == [1] * len(gets)
+        assert [get() for get in gets] == [1] * len(gets)
+    assert [get() for get in gets] == before
+    with pytest.raises(KeyError):
+        with K.single_threaded_blas():
+            raise KeyError("inside")
+    assert [get() for get in gets] == before
+
+
+def test_retain_freed_memory_is_opt_in_and_applies():
+    """Not at import (a fresh interpreter's allocations still page-fault); once called, a freed
+    large array's memory is reused without new page faults (glibc only)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import resource, sys, numpy as np, kernels.conv2d as K\n"
+            "if sys.argv[1] == '1': assert K.retain_freed_memory()\n"
+            "def step(): a = np.ones(1 << 20); b = np.ones(1 << 20); del a, b   # 2 x 8 MB\n"
+            "step(); step(); f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(5): step()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n")
+    root = Path(__file__).resolve().parents[2]
+    counts = []
+    for opt in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", code, opt], capture_output=True, text=True,
+                              cwd=root, timeout=60)
+        if done.returncode != 0 and "AssertionError" in done.stderr:
+            pytest.skip("not glibc: retain_freed_memory changes nothing")
+        assert done.returncode == 0, done.stderr
+        counts.append(int(done.stdout))
+    assert counts[0] > 1000 and counts[1] < 50, counts
+
+
+# --------------------------------------------------------------------------- the GPU path, wired
+
+class _NumpyInDisguise(type(np)):
+    """An array module that is not ``numpy`` but forwards every name to it (CuPy's stand-in)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def test_gpu_arrays_take_im2col_and_the_cuda_wrappers(monkeypatch, rng):
+    """On CuPy arrays the automatic choice is im2col, in one piece, with the window copy and its
+    adjoint dispatched to ``kernels.cuda.im2col_gpu`` / ``col2im_gpu`` (their NumPy twins stand
+    in here), and the results are the NumPy path's."""
+    from kernels import backend
+    disguise = _NumpyInDisguise("cupy_stand_in")
+    calls = []
+
+    class FakeCuda:
+        @staticmethod
+        def im2col_gpu(x, geometry):
+            calls.append(("im2col_gpu", x.shape, geometry))
+            with backend.array_code_only():
+                return K.im2col(x, geometry)
+
+        @staticmethod
+        def col2im_gpu(cols, x_shape, geometry):
+            calls.append(("col2im_gpu", tuple(x_shape), geometry))
+            with backend.array_code_only():
+                return K.col2im(cols, x_shape, geometry)
+
+    x = rng.standard_normal((2, 9, 8, 12))
+    w = rng.standard_normal((3, 3, 12, 5))
+    b = rng.standard_normal(5)
+    expected_y = K.conv2d_forward(x, w, b, padding="same")
+    g = rng.standard_normal(expected_y.shape)
+    expected = K.conv2d_backward(g, x, w, padding="same")
+    expected_t = K.conv2d_transpose_forward(g[:, :4, :4], w, None, 2)
+    big = K.conv_geometry("t", (64, 64), (3, 3), 1, 1, "same")
+    assert K.choose_algorithm(big, 32) == "shifted"
+    assert K.choose_algorithm(big, 32, xp=disguise) == "im2col"
+    monkeypatch.setattr(K, "get_array_module", lambda *arrays: disguise)
+    monkeypatch.setattr(K, "cuda", FakeCuda)
+    monkeypatch.setattr(backend, "_cuda_kernels", True)
+    y, workspace = K.conv2d_forward(x, w, b, padding="same", return_workspace=True)
+    assert calls[-1][0] == "im2col_gpu" and calls[-1][1] == x.shape
+    np.testing.assert_allclose(y, expected_y, rtol=1e-12, atol=1e-12)
+    dx, dw, db = K.conv2d_backward(g, None, w, padding="same", workspace=workspace,
+                                   x_shape=x.shape)
+    assert calls[-1][0] == "im2col_gpu" and calls[-1][1] == g.shape    # dx: dy's windows
+    for actual, wanted in zip((dx, dw, db), expected):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-12, atol=1e-12)
+    out = K.conv2d_transpose_forward(g[:, :4, :4], w, None, 2)
+    assert calls[-1][0] == "col2im_gpu"                                  # stride 2: col2im
+    np.testing.assert_allclose(out, expected_t, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    with backend.array_code_only():                  # switched off: the array code, same values
+        y_off = K.conv2d_forward(x, w, b, padding="same")
+    assert calls == []
+    np.testing.assert_allclose(y_off, expected_y, rtol=1e-12, atol=1e-12)

@@ -195,3 +195,22 @@ def test_many_blocks_and_threads_give_the_same_result(monkeypatch, rng, threads)
     y_inf = BN.batch_norm_forward_inference(x, blocked[1], blocked[2], gamma, beta)
     np.testing.assert_allclose(y_inf, blocked[0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(BN.channel_sum(x), x.sum(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_parallel_map_keeps_order_nests_and_raises(monkeypatch):
+    """Items come back in order; a map inside a map runs on its caller's thread (no deadlock
+    with a pool the outer map keeps busy); an exception reaches the caller."""
+    monkeypatch.setenv("MINICNN_NUM_THREADS", "2")
+
+    def inner(i):
+        return BN.parallel_map(lambda j: 10 * i + j, list(range(3)))
+    assert BN.parallel_map(inner, list(range(5))) == [[10 * i + j for j in range(3)]
+                                                      for i in range(5)]
+
+    def fails(i):
+        if i == 3:
+            raise KeyError("three")
+        return i
+    with pytest.raises(KeyError, match="three"):
+        BN.parallel_map(fails, list(range(4)))
+    assert BN.parallel_map(str, [7]) == ["7"]

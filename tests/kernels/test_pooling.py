@@ -278,3 +278,25 @@ def test_bad_inputs_raise():
         P.upsample2d_forward(x, (0, 2))
     with pytest.raises(ValueError, match=r"not a multiple of size \(2, 2\)"):
         P.upsample2d_backward(np.zeros((1, 5, 4, 2)), 2)
+
+
+@pytest.mark.parametrize("threads", ["2", "3"])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(setting=pool_settings(), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_max_pool_in_image_groups_equals_reference(monkeypatch, threads, setting, ties, seed):
+    """Large batches are pooled in groups of images on the kernel threads: forced here on
+    small ones (every batch size, groups of one image included)."""
+    monkeypatch.setattr(P, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setenv("MINICNN_NUM_THREADS", threads)
+    shape, pool, strides, padding = setting
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=shape) if ties else rng.standard_normal(shape)
+    y, argmax = P.max_pool2d_forward(x, pool, strides, padding)
+    y_ref, argmax_ref = P.max_pool2d_reference(x, pool, strides, padding)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    np.testing.assert_array_equal(P.max_pool2d_forward(x, pool, strides, padding, False), y_ref)
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(P.max_pool2d_backward(dy, argmax, shape, pool, strides, padding),
+                               P.max_pool2d_backward_reference(dy, argmax_ref, shape, pool,
+                                                               strides, padding), rtol=1e-12)

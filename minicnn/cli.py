@@ -140,6 +140,9 @@ def train(args) -> int:
     from kernels import backend
 
     device = backend.check_device(args.device)
+    if device == "cpu":
+        from kernels.conv2d import retain_freed_memory
+        retain_freed_memory()          # reuse each step's large arrays instead of page-faulting
     mc.seed(args.seed)
     (train_set, val_set, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)
     model = build_model(args, num_classes)

@@ -263,7 +263,11 @@ def test_dispatched_kernels_return_what_numpy_returns(device, rng, dtype):
             assert_same_structure(values, values_np, rtol, what)
             assert len(saved) == len(saved_np) and saved[0] is True and saved[3:5] == (None, None)
             np.testing.assert_array_equal(to_numpy(saved[1]), saved_np[1])
-            assert_same_structure(saved[2], saved_np[2], rtol, what + " softmax")
+            # the saved softmax of ignored positions is a don't-care (their weight is 0): NumPy
+            # keeps a uniform row there, the CUDA kernel the real softmax
+            kept = saved_np[5] != 0
+            assert_same_structure(to_numpy(saved[2])[kept], saved_np[2][kept], rtol,
+                                  what + " softmax")
             assert_same_structure(saved[5], saved_np[5], rtol, what + " weight")
             dz = losses.sparse_categorical_crossentropy_backward(d(values_np), saved)
             dz_np = losses.sparse_categorical_crossentropy_backward(values_np, saved_np)

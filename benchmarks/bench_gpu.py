@@ -114,59 +114,23 @@ def minicnn_worker(case, device, warmup, steps):
 # -- PyTorch twin ---------------------------------------------------------------------------------
 def torch_worker(case, channels_last, warmup, steps):
     import torch
-    from torch import nn
     if not torch.cuda.is_available():
         raise RuntimeError("torch sees no CUDA device")
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False        # minicnn computes in float32
     torch.backends.cudnn.allow_tf32 = False
-
-    def block(cin, cout):
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
-            nn.ReLU(inplace=True))
-
-    class TorchUNet(nn.Module):
-        def __init__(self, cin, classes, base, depth):
-            super().__init__()
-            widths = [base * 2 ** i for i in range(depth + 1)]
-            self.down = nn.ModuleList()
-            c = cin
-            for w in widths[:-1]:
-                self.down.append(block(c, w))
-                c = w
-            self.bottom = block(widths[-2], widths[-1])
-            self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                     for i in reversed(range(depth)))
-            self.dec = nn.ModuleList(block(2 * widths[i], widths[i])
-                                     for i in reversed(range(depth)))
-            self.head = nn.Conv2d(base, classes, 1)
-            self.pool = nn.MaxPool2d(2)
-
-        def forward(self, x):
-            skips = []
-            for b in self.down:
-                x = b(x)
-                skips.append(x)
-                x = self.pool(x)
-            x = self.bottom(x)
-            for up, b in zip(self.ups, self.dec):
-                x = b(torch.cat([up(x), skips.pop()], dim=1))
-            return self.head(x)
-
     x_np, y_np = case_data(case)
     device = torch.device("cuda")
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)
     y = torch.from_numpy(y_np).to(device)
-    model = TorchUNet(case["channels"], case["classes"], case["base"], case["depth"]).to(device)
+    from bench_unet import torch_unet     # the same twin as the CPU benchmark
+    model = torch_unet(case["channels"], case["classes"], case["base"], case["depth"]).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = torch.nn.CrossEntropyLoss()
     last = {}
 
     def step():

@@ -239,11 +239,10 @@ def install_op_timers() -> dict:
 
 
 # -- PyTorch twin ---------------------------------------------------------------------------------
-def torch_worker(case: dict, channels_last: bool) -> dict:
-    import numpy as np
+def torch_unet(cin, classes, base, depth):
+    """The PyTorch twin of ``minicnn.models.UNet`` (same layers, same parameter count)."""
     import torch
     from torch import nn
-    torch.manual_seed(0)
 
     def block(cin, cout):
         return nn.Sequential(
@@ -279,11 +278,21 @@ def torch_worker(case: dict, channels_last: bool) -> dict:
                 x = b(torch.cat([up(x), skips.pop()], dim=1))
             return self.head(x)
 
+    return TorchUNet(cin, classes, base, depth)
+
+
+def torch_worker(case: dict, channels_last: bool) -> dict:
+    import numpy as np
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+
+
     rs = np.random.default_rng(0)
     x = torch.from_numpy(rs.random((case["batch"], case["channels"], case["size"], case["size"]),
                                    dtype=np.float32))
     y = torch.from_numpy(rs.integers(0, 3, size=(case["batch"], case["size"], case["size"])))
-    model = TorchUNet(case["channels"], 3, case["base"], case["depth"])
+    model = torch_unet(case["channels"], 3, case["base"], case["depth"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -114,3 +114,20 @@ def _compare(name, analytic, numeric, atol, rtol, what):
         f"analytic {analytic[worst]:.8g}, numeric {numeric[worst]:.8g}, "
         f"error {error[worst]:.3g} > allowed {allowed[worst]:.3g} "
         f"({int(np.sum(error > allowed))} of {error.size} {what}s fail)")
+
+
+def numerical_gradient(f, x, projection=None, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of ``sum(f(x) * projection)`` (of the scalar ``f(x)`` when
+    ``projection`` is None) with respect to every element of the NumPy array ``x``:
+    the array-level check used by the kernel tests."""
+    def objective(v):
+        out = f(v)
+        return float(np.sum(out * projection)) if projection is not None else float(out)
+
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[i] += eps
+        minus[i] -= eps
+        grad[i] = (objective(plus) - objective(minus)) / (2 * eps)
+    return grad

@@ -269,29 +269,33 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     return Tensor(value)
 
 
-def graph_order(root: Node) -> list:
-    """Nodes reachable from ``root``, each before the nodes it was computed from.
+def post_order(roots, parents_of) -> list:
+    """Every item reachable from ``roots`` through ``parents_of(item)``, each after its parents.
 
-    An iterative depth-first search (post-order, then reversed), so a chain of any length stays
-    far from Python's recursion limit.
+    An iterative depth-first search, so a chain of any length stays far from Python's recursion
+    limit. Used for the autograd graph and for functional models' layer graphs.
     """
-    post_order, expanded = [], set()
-    stack = [(root, False)]
+    order, expanded = [], set()
+    stack = [(item, False) for item in reversed(list(roots))]
     while stack:
-        node, done = stack.pop()
+        item, done = stack.pop()
         if done:
-            post_order.append(node)
+            order.append(item)
             continue
-        if id(node) in expanded:
+        if id(item) in expanded:
             continue
-        expanded.add(id(node))
-        stack.append((node, True))
-        if node.creator is not None:
-            for parent in node.creator.inputs:
-                if parent is not None and id(parent) not in expanded:
-                    stack.append((parent, False))
-    post_order.reverse()
-    return post_order
+        expanded.add(id(item))
+        stack.append((item, True))
+        stack.extend((parent, False) for parent in reversed(parents_of(item))
+                     if parent is not None and id(parent) not in expanded)
+    return order
+
+
+def graph_order(root: Node) -> list:
+    """Nodes reachable from ``root``, each before the nodes it was computed from."""
+    order = post_order([root], lambda node: node.creator.inputs if node.creator else ())
+    order.reverse()
+    return order
 
 
 def run_backward(root: Node, grad, retain_graph: bool = False) -> None:

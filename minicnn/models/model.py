@@ -11,6 +11,7 @@ Subclassed: ``class Net(Model)`` with layers assigned in ``__init__`` and ``call
 from __future__ import annotations
 
 from minicnn.layers.base import Layer, SymbolicTensor, format_shape, shape_of, unique_name
+from minicnn.tensor import post_order
 from minicnn.training import Trainer
 
 
@@ -19,20 +20,8 @@ def _as_list(value):
 
 
 def graph_nodes(outputs) -> list:
-    """The symbolic tensors that lead to ``outputs``, each after its inputs (post-order DFS)."""
-    order, done = [], set()
-    stack = [(t, False) for t in reversed(outputs)]
-    while stack:
-        tensor, expanded = stack.pop()
-        if expanded:
-            order.append(tensor)
-            continue
-        if id(tensor) in done:
-            continue
-        done.add(id(tensor))
-        stack.append((tensor, True))
-        stack.extend((parent, False) for parent in reversed(tensor.inputs) if id(parent) not in done)
-    return order
+    """The symbolic tensors that lead to ``outputs``, each after its inputs."""
+    return post_order(outputs, lambda tensor: tensor.inputs)
 
 
 class Model(Layer, Trainer):

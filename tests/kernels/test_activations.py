@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from kernels import activations as A
 from kernels.backend import to_device, to_numpy
+from minicnn.gradcheck import numerical_gradient as numerical_grad
 
 FIXTURE_OK = settings(suppress_health_check=list(settings.default.suppress_health_check)
                       + [HealthCheck.function_scoped_fixture])
@@ -31,17 +32,6 @@ AXIS_WISE = {
     "log_softmax": (A.log_softmax_forward, A.log_softmax_backward, A.log_softmax_reference,
                     A.log_softmax_backward_reference),
 }
-
-
-def numerical_grad(f, x, projection, eps=1e-6):
-    """d/dx sum(f(x) * projection) by central differences (float64)."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[i] += eps
-        minus[i] -= eps
-        grad[i] = (np.sum(f(plus) * projection) - np.sum(f(minus) * projection)) / (2 * eps)
-    return grad
 
 
 def away_from_kinks(rng, shape):

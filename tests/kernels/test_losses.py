@@ -6,23 +6,10 @@ from hypothesis import given, strategies as st
 
 from kernels import losses as K
 from kernels.backend import to_device, to_numpy
+from minicnn.gradcheck import numerical_gradient as numeric_gradient
 
 LEADING = st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple)
 CLASSES = st.integers(2, 4)
-
-
-def numeric_gradient(f, x, eps=1e-6):
-    """Central differences of the scalar f(x) with respect to every element of x (NumPy)."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(*x.shape):
-        old = x[i]
-        x[i] = old + eps
-        plus = f(x)
-        x[i] = old - eps
-        minus = f(x)
-        x[i] = old
-        grad[i] = (plus - minus) / (2 * eps)
-    return grad
 
 
 def check_kernel_gradient(forward, backward, x, seed=0, atol=1e-7, rtol=1e-5):

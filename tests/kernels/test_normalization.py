@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from kernels import normalization as BN
 from kernels.backend import to_device, to_numpy
+from minicnn.gradcheck import numerical_gradient as numerical_grad
 
 FIXTURE_OK = settings(suppress_health_check=list(settings.default.suppress_health_check)
                       + [HealthCheck.function_scoped_fixture])
@@ -16,17 +17,6 @@ shapes = st.one_of(
     st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
     st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
               st.integers(1, 3))).filter(lambda s: np.prod(s[:-1]) >= 2)
-
-
-def numerical_grad(f, x, projection, eps=1e-6):
-    """d/dx sum(f(x) * projection) by central differences (float64)."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[i] += eps
-        minus[i] -= eps
-        grad[i] = (np.sum(f(plus) * projection) - np.sum(f(minus) * projection)) / (2 * eps)
-    return grad
 
 
 def draw_inputs(seed, shape, dtype):

@@ -7,21 +7,11 @@ from hypothesis import strategies as st
 
 from kernels import pooling as P
 from kernels.backend import to_device, to_numpy
+from minicnn.gradcheck import numerical_gradient as numerical_grad
 
 FIXTURE_OK = settings(suppress_health_check=list(settings.default.suppress_health_check)
                       + [HealthCheck.function_scoped_fixture])
 TOL = {np.float32: dict(rtol=1e-5, atol=1e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
-
-
-def numerical_grad(f, x, projection, eps=1e-6):
-    """d/dx sum(f(x) * projection) by central differences, element by element (float64)."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[i] += eps
-        minus[i] -= eps
-        grad[i] = (np.sum(f(plus) * projection) - np.sum(f(minus) * projection)) / (2 * eps)
-    return grad
 
 
 def distinct_values(rng, shape, spacing=0.1):

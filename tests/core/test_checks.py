@@ -5,21 +5,8 @@ import numpy as np
 import pytest
 
 import minicnn as mc
+from helpers import Cube
 from minicnn import checks
-
-
-class Cube(mc.Function):
-    """y = x^3 with a chosen (possibly wrong) derivative factor."""
-
-    def __init__(self, factor=3.0):
-        self.factor = factor
-
-    def forward(self, x):
-        self.x = x
-        return x ** 3
-
-    def backward(self, g):
-        return g * self.factor * self.x ** 2
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,7 @@ import numpy as np
 import pytest
 
 import minicnn as mc
-
-
-class Cube(mc.Function):
-    """y = x^3 with a chosen (possibly wrong) derivative factor."""
-
-    def __init__(self, factor=3.0):
-        self.factor = factor
-
-    def forward(self, x):
-        self.x = x
-        return x ** 3
-
-    def backward(self, g):
-        return g * self.factor * self.x ** 2
+from helpers import Cube
 
 
 def test_passes_a_right_backward(rng):

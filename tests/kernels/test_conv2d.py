@@ -10,35 +10,12 @@ from kernels import conv2d as K
 from kernels import shapes
 from kernels.backend import to_device, to_numpy
 
-# Hypothesis with the function-scoped ``device`` fixture (the same inputs on CPU and GPU).
-with_device = settings(suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                              HealthCheck.too_slow, HealthCheck.data_too_large])
-
-paddings = st.one_of(
-    st.sampled_from(["valid", "same"]),
-    st.integers(0, 2),
-    st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)),
-              st.tuples(st.integers(0, 2), st.integers(0, 2))),
-)
+from helpers import window_settings, with_device
 
 
-@st.composite
-def conv_settings(draw, max_size=9):
-    """A valid convolution: shapes, stride, dilation, padding (odd, even and size-1 images)."""
-    s = dict(
-        n=draw(st.integers(1, 2)), h=draw(st.integers(1, max_size)),
-        w=draw(st.integers(1, max_size)), c=draw(st.integers(1, 4)), o=draw(st.integers(1, 4)),
-        kernel=(draw(st.integers(1, 5)), draw(st.integers(1, 5))),
-        strides=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-        dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-        padding=draw(paddings),
-    )
-    try:
-        shapes.conv2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"], s["dilation"],
-                               s["padding"])
-    except ValueError:
-        assume(False)
-    return s
+def conv_settings(max_size=9):
+    """A valid convolution: a window plus o output channels."""
+    return window_settings(max_size=max_size, o=st.integers(1, 4))
 
 
 def arrays(rng, s, dtype=np.float64):

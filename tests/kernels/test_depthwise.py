@@ -2,7 +2,7 @@
 Keras' channel order, and bad input."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from kernels import conv2d as K
@@ -10,33 +10,12 @@ from kernels import depthwise as D
 from kernels import shapes
 from kernels.backend import to_device, to_numpy
 
-with_device = settings(suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                              HealthCheck.too_slow, HealthCheck.data_too_large])
-
-paddings = st.one_of(
-    st.sampled_from(["valid", "same"]),
-    st.integers(0, 2),
-    st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)),
-              st.tuples(st.integers(0, 2), st.integers(0, 2))),
-)
+from helpers import window_settings, with_device
 
 
-@st.composite
-def depthwise_settings(draw, max_size=9):
-    s = dict(
-        n=draw(st.integers(1, 2)), h=draw(st.integers(1, max_size)),
-        w=draw(st.integers(1, max_size)), c=draw(st.integers(1, 4)), m=draw(st.integers(1, 3)),
-        kernel=(draw(st.integers(1, 5)), draw(st.integers(1, 5))),
-        strides=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-        dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-        padding=draw(paddings),
-    )
-    try:
-        shapes.conv2d_geometry((s["h"], s["w"]), s["kernel"], s["strides"], s["dilation"],
-                               s["padding"])
-    except ValueError:
-        assume(False)
-    return s
+def depthwise_settings(max_size=9):
+    """A valid depthwise convolution: a window plus a depth multiplier m."""
+    return window_settings(max_size=max_size, m=st.integers(1, 3))
 
 
 def arrays(rng, s):

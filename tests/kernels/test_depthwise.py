@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 from kernels import conv2d as K
 from kernels import depthwise as D
-from kernels import shapes
 from kernels.backend import to_device, to_numpy
 
 from helpers import window_settings, with_device

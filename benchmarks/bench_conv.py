@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import conv2d as K  # noqa: E402
+from kernels import cpu  # noqa: E402
 from kernels import depthwise as D  # noqa: E402
 
 BATCH = 8
@@ -235,11 +236,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="PyTorch threads (minicnn: MINICNN_NUM_THREADS, default all cores)")
     parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="kernels.conv2d.retain_freed_memory() here and in PyTorch's process")
+                        help="kernels.cpu.retain_freed_memory() here and in PyTorch's process")
     args = parser.parse_args(argv)
     ALGORITHM = args.algorithm
     if args.retain_freed_memory:
-        K.retain_freed_memory()
+        cpu.retain_freed_memory()
     cases = [case for case in CASES if args.cases in case[0]]
     if args.torch_only:
         print(json.dumps(time_torch(cases, args)))

@@ -21,7 +21,7 @@ OPENBLAS_L2_SIZE) for the benchmark command only:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_unet.py ...
 
-``--retain-freed-memory`` calls ``kernels.conv2d.retain_freed_memory()`` in the minicnn process
+``--retain-freed-memory`` calls ``kernels.cpu.retain_freed_memory()`` in the minicnn process
 and the same ``mallopt`` settings in the PyTorch one (both engines page-fault on fresh
 activations by default; the comparison stays like for like).
 """
@@ -47,7 +47,7 @@ def peak_rss_mb() -> float:
 
 # -- minicnn ------------------------------------------------------------------------------------
 def retain_freed_memory_glibc() -> bool:
-    """The settings of ``kernels.conv2d.retain_freed_memory`` for a process without minicnn."""
+    """The settings of ``kernels.cpu.retain_freed_memory`` for a process without minicnn."""
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -57,10 +57,10 @@ def retain_freed_memory_glibc() -> bool:
 
 
 def _per_item_pool(fn, items):
-    """kernels.normalization.parallel_map as it was: one pool task per item, the caller idle."""
+    """kernels.cpu.parallel_map as it was: one pool task per item, the caller idle."""
     from concurrent.futures import ThreadPoolExecutor
-    from kernels import normalization
-    threads = normalization.num_threads()
+    from kernels import cpu
+    threads = cpu.num_threads()
     if len(items) == 1 or threads == 1:
         return [fn(item) for item in items]
     if not hasattr(_per_item_pool, "pool"):
@@ -127,8 +127,8 @@ ABLATIONS = ("none", "openblas-threads", "small-convs-threaded-blas", "no-shared
 def minicnn_worker(case: dict, profile: bool, retain: bool, ablate: str = "none") -> dict:
     import numpy as np
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from kernels import conv2d as conv_kernels
-    retained = conv_kernels.retain_freed_memory() if retain else False
+    from kernels import conv2d as conv_kernels, cpu
+    retained = cpu.retain_freed_memory() if retain else False
     _ablate(ablate)
     import minicnn as mc
     from minicnn import losses, optimizers
@@ -168,7 +168,7 @@ def minicnn_worker(case: dict, profile: bool, retain: bool, ablate: str = "none"
     result = {"median_ms": 1000 * float(np.median(times)), "min_ms": 1000 * float(min(times)),
               "peak_rss_mb": peak_rss_mb(), "retained_freed_memory": retained,
               "trainable": int(sum(w.size for w in model.trainable_weights)),
-              "threads": conv_kernels.num_threads(),
+              "threads": cpu.num_threads(),
               "conv_threads": conv_kernels.conv_threads(np),
               "phases_ms": {k: 1000 * float(np.median(v)) for k, v in phases.items()}}
     for name, totals in (("ops_ms_per_step", op_times), ("kernels_ms_per_step", kernel_times)):

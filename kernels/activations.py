@@ -22,7 +22,7 @@ import numpy as np
 
 from kernels import backend
 from kernels.backend import get_array_module
-from kernels.normalization import parallel_map
+from kernels.cpu import parallel_map
 
 # -- relu -----------------------------------------------------------------------------------------
 
@@ -49,7 +49,7 @@ def relu_backward(dy, y):
 
 
 # Elementwise passes over NumPy arrays of more than this many bytes are cut into blocks of
-# about this size, spread over ``kernels.normalization.num_threads()`` threads.
+# about this size, spread over ``kernels.cpu.num_threads()`` threads.
 ELEMENTWISE_BLOCK_BYTES = 1 << 20
 
 

@@ -34,7 +34,7 @@ it runs the same tuned kernels; for larger strides ``col2im(dy @ w.T)``.
 
 Threads (NumPy): every kernel cuts its work into pieces of whole images (or bands of rows of
 one image when the images do not share out evenly, see ``split_work``), one per thread of
-``kernels.normalization.parallel_map`` ($MINICNN_NUM_THREADS), and holds OpenBLAS to one thread
+``kernels.cpu.parallel_map`` ($MINICNN_NUM_THREADS), and holds OpenBLAS to one thread
 per product meanwhile (``single_threaded_blas``). OpenBLAS splitting each thin product itself
 left the copies and sums around it on one core and spun its helper thread between calls;
 measured on two cores, the U-Net's conv backward went from 2.8x to 1.9x its forward and the
@@ -45,7 +45,8 @@ given thread count.
 
 Temporaries that never leave a call are reused between calls (``scratch``, per thread): on the
 CPU a fresh multi-megabyte array costs a page fault per page, comparable to the products
-themselves (``retain_freed_memory`` does the same for every array, process-wide, opt-in).
+themselves (``kernels.cpu.retain_freed_memory`` does the same for every array, process-wide,
+opt-in).
 
 Backward (chain rule on the sum above)::
 
@@ -63,8 +64,6 @@ Chainer ``chainer/utils/conv.py``; Keras 3 ``Conv2D`` / ``Conv2DTranspose`` docu
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
 import threading
 from dataclasses import dataclass
@@ -73,7 +72,8 @@ import numpy as np
 
 from kernels import cuda
 from kernels.backend import cuda_kernels_enabled, get_array_module
-from kernels.normalization import num_threads, parallel_map, recently_parallel
+from kernels.cpu import (blas_threads_controllable, num_threads, parallel_map, recently_parallel,
+                         single_threaded_blas)
 from kernels.shapes import (conv2d_geometry, conv_transpose2d_geometry, normalize_padding,
                             normalize_tuple)
 
@@ -265,73 +265,6 @@ def conv2d_transpose_reference(y, w, b=None, strides=(1, 1), dilation=(1, 1), pa
 
 # --------------------------------------------------------------------------- threads and memory
 
-def _openblas_thread_setters():
-    """``(get, set)`` pairs for the OpenBLAS libraries loaded in this process (NumPy's wheel
-    bundles one, SciPy's another), found by name in ``/proc/self/maps``; [] elsewhere or when
-    NumPy uses another BLAS (then the convolutions leave threading to the BLAS)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return []
-    setters = []
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_", "64_"), ("scipy_", ""), ("", ""), ("", "64_")):
-            get = getattr(library, f"{prefix}openblas_get_num_threads{suffix}", None)
-            set_ = getattr(library, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                setters.append((get, set_))
-                break
-    return setters
-
-
-_blas_lock = threading.Lock()
-_blas_state = {"setters": None, "depth": 0, "saved": []}
-
-
-def blas_threads_controllable() -> bool:
-    """Whether ``single_threaded_blas`` can pin NumPy's BLAS to one thread (OpenBLAS on Linux)."""
-    if _blas_state["setters"] is None:
-        with _blas_lock:
-            if _blas_state["setters"] is None:
-                _blas_state["setters"] = _openblas_thread_setters()
-    return bool(_blas_state["setters"])
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """Within this block OpenBLAS runs every product on the calling thread.
-
-    The convolutions split their work over ``num_threads()`` threads of their own (each piece a
-    set of whole images or a band of rows, see ``split_work``) rather than let OpenBLAS split
-    each thin product: its threads synchronise once per block of K and spin between calls,
-    while the copies and sums around the products ran on one core. The previous thread count
-    is restored on leaving (nested and concurrent uses count, the last one out restores).
-    """
-    blas_threads_controllable()
-    with _blas_lock:
-        if _blas_state["depth"] == 0:
-            _blas_state["saved"] = [get() for get, _ in _blas_state["setters"]]
-            for _, set_ in _blas_state["setters"]:
-                set_(1)
-        _blas_state["depth"] += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_state["depth"] -= 1
-            if _blas_state["depth"] == 0:
-                for (_, set_), count in zip(_blas_state["setters"], _blas_state["saved"]):
-                    set_(count)
-
-
 def conv_threads(xp) -> int:
     """How many pieces a convolution on arrays of module ``xp`` is cut into: ``num_threads()``
     ($MINICNN_NUM_THREADS) for NumPy arrays when BLAS can be held to one thread per call; 1 for
@@ -383,29 +316,6 @@ def run_pieces(fn, pieces, xp=np):
         return [fn(pieces[0])]
     with single_threaded_blas():
         return [fn(pieces[0])] if len(pieces) == 1 else parallel_map(fn, pieces)
-
-
-def retain_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30) -> bool:
-    """Opt-in, process-wide: let glibc's malloc keep freed memory for the next allocations.
-
-    A training step allocates and frees the same large activations every step. By default glibc
-    serves each one above 128 KiB-32 MiB (its adaptive threshold) with a fresh ``mmap`` and gives
-    it back on ``free``; the next step's array then page-faults on first touch (the kernel hands
-    out zeroed pages): measured ~12,000 faults and 20-30 ms of a 300 ms U-Net step on two cores.
-    With ``M_MMAP_THRESHOLD`` at 32 MiB (glibc's maximum) and ``M_TRIM_THRESHOLD`` at 1 GiB,
-    freed blocks stay in the heap and are reused. The cost: the process keeps its peak heap.
-    Called by the benchmarks (and meant for the CLI's training commands), never at import.
-    Returns False where the C library is not glibc (nothing is changed).
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.restype, mallopt.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int]
-    m_trim_threshold, m_mmap_threshold = -1, -3           # glibc's <malloc.h> parameter numbers
-    return bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and \
-        bool(mallopt(m_trim_threshold, int(trim_threshold)))
 
 
 # --------------------------------------------------------------------------- building blocks

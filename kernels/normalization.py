@@ -31,15 +31,12 @@ kernels of ``kernels.cuda`` (same arguments, same results; see
 from __future__ import annotations
 
 import math
-import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from kernels import cuda
 from kernels.backend import cuda_kernels_enabled, get_array_module
+from kernels.cpu import parallel_map
 
 BLOCK_BYTES = 2 << 20         # about 2 MiB of rows per block: in cache with the block's twins
 
@@ -63,70 +60,6 @@ def _blocks(rows):
         return [slice(None)]
     step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
     return [slice(i, i + step) for i in range(0, rows.shape[0], step)]
-
-
-_cpus = {}
-
-
-def num_threads() -> int:
-    """Threads for the blocked kernels: $MINICNN_NUM_THREADS, else the CPUs this process may use
-    (at most 8; asked once per process: the kernels call this a few hundred times a step)."""
-    value = os.environ.get("MINICNN_NUM_THREADS")
-    if value:
-        return max(1, int(value))
-    pid = os.getpid()
-    if pid not in _cpus:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            os.cpu_count()
-        _cpus.clear()
-        _cpus[pid] = max(1, min(8, cpus or 1))
-    return _cpus[pid]
-
-
-_pool, _pool_owner = None, None
-_inside = threading.local()          # set while a thread runs items of a parallel_map
-_last_parallel = [float("-inf")]     # time.monotonic() of the last map that used the pool
-
-
-def recently_parallel(seconds=0.5) -> bool:
-    """Whether a ``parallel_map`` used the thread pool within the last ``seconds`` (a model
-    large enough to run its kernels on several threads does so every few milliseconds)."""
-    return time.monotonic() - _last_parallel[0] < seconds
-
-
-def parallel_map(fn, items):
-    """[fn(item) for item in items] on ``num_threads()`` threads, the caller being one of them:
-    the items are cut into that many contiguous runs, all but the first handed to a pool of
-    helper threads (one task each), the first run done here (one hand-off per helper, not per
-    item, and no thread left waiting). The convolution and activation kernels use it too.
-    Results come back in item order whatever the threads do, so sums over them stay
-    deterministic."""
-    global _pool, _pool_owner
-    pool_threads = num_threads()
-    threads = min(pool_threads, len(items))
-    if threads <= 1 or getattr(_inside, "map", False):    # nested: run here (no deadlock)
-        return [fn(item) for item in items]
-    if _pool is None or _pool_owner != (os.getpid(), pool_threads):     # new after a fork
-        _pool = ThreadPoolExecutor(pool_threads - 1, thread_name_prefix="minicnn")
-        _pool_owner = (os.getpid(), pool_threads)
-    _last_parallel[0] = time.monotonic()
-    bounds = [len(items) * k // threads for k in range(threads + 1)]
-    runs = [items[a:b] for a, b in zip(bounds, bounds[1:])]
-
-    def run_all(run):
-        _inside.map = True
-        try:
-            return [fn(item) for item in run]
-        finally:
-            _inside.map = False
-    helpers = [_pool.submit(run_all, run) for run in runs[1:]]
-    try:
-        results = run_all(runs[0])
-    finally:
-        done = [helper.result() for helper in helpers]     # wait (and raise) before leaving
-    for part in done:
-        results.extend(part)
-    return results
 
 
 _map_blocks = parallel_map

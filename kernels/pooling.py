@@ -35,7 +35,7 @@ import numpy as np
 
 from kernels import cuda
 from kernels.backend import cuda_kernels_enabled, get_array_module
-from kernels.normalization import num_threads, parallel_map
+from kernels.cpu import num_threads, parallel_map
 from kernels.shapes import normalize_tuple, pool2d_geometry
 
 # -- geometry helpers -----------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def max_pool2d_forward(x, pool_size=(2, 2), strides=None, padding="valid", retur
 
 
 # NumPy batches larger than this many bytes are pooled in groups of whole images on the threads
-# of ``kernels.normalization.parallel_map`` (with the same for concatenation: 7 ms of a 200 ms
+# of ``kernels.cpu.parallel_map`` (with the same for concatenation: 7 ms of a 200 ms
 # U-Net step on two cores, benchmarks/RESULTS.md).
 PARALLEL_MIN_BYTES = 4 << 20
 

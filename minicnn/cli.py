@@ -141,7 +141,7 @@ def train(args) -> int:
 
     device = backend.check_device(args.device)
     if device == "cpu":
-        from kernels.conv2d import retain_freed_memory
+        from kernels.cpu import retain_freed_memory
         retain_freed_memory()          # reuse each step's large arrays instead of page-faulting
     mc.seed(args.seed)
     (train_set, val_set, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import backend
-from kernels import normalization as K_threads      # the kernels' thread pool (parallel_map)
+from kernels import cpu as K_threads      # the kernels' thread pool (parallel_map)
 from kernels.backend import get_array_module
 from minicnn.tensor import Function, Tensor, as_tensor
 

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kernels import conv2d as K
+from kernels import cpu
 from kernels import shapes
 from kernels.backend import to_device, to_numpy
 
@@ -449,18 +450,18 @@ def test_split_work_covers_every_output_row_once(n, rows, parts):
 
 
 def test_single_threaded_blas_restores_the_thread_count():
-    if not K.blas_threads_controllable():
+    if not cpu.blas_threads_controllable():
         pytest.skip("NumPy's BLAS is not an OpenBLAS this process can find")
-    gets = [get for get, _ in K._blas_state["setters"]]
+    gets = [get for get, _ in cpu._blas_state["setters"]]
     before = [get() for get in gets]
-    with K.single_threaded_blas():
+    with cpu.single_threaded_blas():
         assert [get() for get in gets] == [1] * len(gets)
-        with K.single_threaded_blas():                      # nested: still one, restored once
+        with cpu.single_threaded_blas():                      # nested: still one, restored once
             assert [get() for get in gets] == [1] * len(gets)
         assert [get() for get in gets] == [1] * len(gets)
     assert [get() for get in gets] == before
     with pytest.raises(KeyError):
-        with K.single_threaded_blas():
+        with cpu.single_threaded_blas():
             raise KeyError("inside")
     assert [get() for get in gets] == before
 
@@ -471,8 +472,8 @@ def test_retain_freed_memory_is_opt_in_and_applies():
     import subprocess
     import sys
     from pathlib import Path
-    code = ("import resource, sys, numpy as np, kernels.conv2d as K\n"
-            "if sys.argv[1] == '1': assert K.retain_freed_memory()\n"
+    code = ("import resource, sys, numpy as np, kernels.cpu as cpu\n"
+            "if sys.argv[1] == '1': assert cpu.retain_freed_memory()\n"
             "def step(): a = np.ones(1 << 20); b = np.ones(1 << 20); del a, b   # 2 x 8 MB\n"
             "step(); step(); f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "for _ in range(5): step()\n"

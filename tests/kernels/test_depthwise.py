@@ -145,3 +145,69 @@ def test_bad_input_raises(rng):
         D.depthwise_conv2d_forward(x.astype(np.float32), w)
     with pytest.raises(ValueError, match=r"grad_y must have the output's shape"):
         D.depthwise_conv2d_backward(np.zeros((1, 4, 4, 2)), x, w)
+
+
+@given(s=depthwise_settings(max_size=9), blocks=st.sampled_from([2, 3, 5]),
+       tile_values=st.sampled_from([1, 6, 1024]))
+def test_stride_one_blocks_match_one_block_and_reference(s, blocks, tile_values):
+    """The stride-1 path cut into row blocks (on the thread pool, rows tiled by a few
+    ``tile_values``) gives the one-block results: forward and dx exactly, dw up to the
+    order of the partial sums; all equal to the loops; repeated calls give identical dw."""
+    s = dict(s, strides=(1, 1))
+    assume(K.conv_geometry("t", (s["h"], s["w"]), s["kernel"], (1, 1), s["dilation"],
+                           s["padding"]).out_hw[0] > 0)
+    rng = np.random.default_rng(4)
+    x, w, b = arrays(rng, s)
+    args = (1, s["dilation"], s["padding"])
+    expected_y = D.depthwise_conv2d_reference(x, w, b, *args)
+    gy = rng.standard_normal(expected_y.shape)
+    expected = D.depthwise_conv2d_backward_reference(x, w, gy, *args)
+    saved = (D._TILE_VALUES, D._forced_blocks[0])
+    try:
+        D._TILE_VALUES = tile_values
+        results = []
+        for forced in (1, blocks, blocks):
+            D._forced_blocks[0] = forced
+            results.append((D.depthwise_conv2d_forward(x, w, b, *args),
+                            *D.depthwise_conv2d_backward(gy, x, w, *args)))
+    finally:
+        D._TILE_VALUES, D._forced_blocks[0] = saved
+    (y1, dx1, dw1, db1), (y2, dx2, dw2, db2), (_, _, dw3, _) = results
+    np.testing.assert_array_equal(y2, y1)
+    np.testing.assert_array_equal(dx2, dx1)
+    np.testing.assert_array_equal(dw3, dw2)
+    assert rel_err(dw2, dw1) < 1e-13
+    assert rel_err(y2, expected_y) < 1e-10
+    for a, e in zip((dx2, dw2, db2), expected):
+        assert rel_err(a, e) < 1e-10
+
+
+def test_stride_one_blocks_cover_rows_in_whole_tiles():
+    """row_blocks: contiguous, in order, ends on tile multiples, forced count honoured."""
+    assert D.row_blocks(40, 4, parts=3, unit=4) == [(0, 12), (12, 24), (24, 40)]
+    assert D.row_blocks(8, 4, parts=5, unit=4) == [(0, 4), (4, 8)]
+    assert D.row_blocks(7, 4, parts=1) == [(0, 7)]
+    blocks = D.row_blocks(1000, 1 << 12, unit=8)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 1000 // 8 * 8
+    assert all(a[1] == b[0] and a[1] % 8 == 0 for a, b in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stride_one_float32_blocks_stay_float32(dtype, rng):
+    x = rng.standard_normal((3, 6, 5, 3)).astype(dtype)
+    w = rng.standard_normal((3, 2, 3, 2)).astype(dtype)
+    saved = (D._TILE_VALUES, D._forced_blocks[0])
+    try:
+        D._TILE_VALUES, D._forced_blocks[0] = 6, 4
+        y = D.depthwise_conv2d_forward(x, w, None, 1, 1, "same")
+        dx, dw, db = D.depthwise_conv2d_backward(y, x, w, 1, 1, "same")
+    finally:
+        D._TILE_VALUES, D._forced_blocks[0] = saved
+    assert {a.dtype for a in (y, dx, dw, db)} == {np.dtype(dtype)}
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    y64 = D.depthwise_conv2d_reference(x64, w64, None, 1, 1, "same")
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert rel_err(y, y64) < tol
+    for a, e in zip((dx, dw, db), D.depthwise_conv2d_backward_reference(x64, w64, y64, 1, 1,
+                                                                        "same")):
+        assert rel_err(a, e) < 10 * tol

@@ -36,7 +36,7 @@ import numpy as np
 from kernels import cuda
 from kernels.backend import cuda_kernels_enabled, get_array_module
 from kernels.cpu import num_threads, parallel_map
-from kernels.shapes import normalize_tuple, pool2d_geometry
+from kernels.shapes import normalize_tuple, normalize_upsampling, pool2d_geometry
 
 # -- geometry helpers -----------------------------------------------------------------------------
 
@@ -375,17 +375,6 @@ def global_avg_pool2d_backward_reference(dy, x_shape):
 
 # -- up-sampling ----------------------------------------------------------------------------------
 
-INTERPOLATIONS = ("nearest", "bilinear")
-
-
-def _check_upsample(name, size, interpolation):
-    size = normalize_tuple(size, 2, "size", minimum=1)
-    if not isinstance(interpolation, str) or interpolation.lower() not in INTERPOLATIONS:
-        raise ValueError(f"{name}: interpolation must be one of {INTERPOLATIONS}, "
-                         f"got {interpolation!r}")
-    return size, interpolation.lower()
-
-
 def upsample2d_forward(x, size=(2, 2), interpolation="nearest"):
     """Up-sampling by integer factors. x: (N, H, W, C) -> y: (N, H*sh, W*sw, C).
 
@@ -393,7 +382,7 @@ def upsample2d_forward(x, size=(2, 2), interpolation="nearest"):
     bilinear: Keras 3 / TF resize with half-pixel centres, edges clamped (see the module docstring).
     """
     _check_images("upsample2d", x)
-    (sh, sw), interpolation = _check_upsample("upsample2d", size, interpolation)
+    (sh, sw), interpolation = normalize_upsampling("upsample2d", size, interpolation)
     xp = get_array_module(x)
     if xp is not np and cuda_kernels_enabled():
         return cuda.upsample2d_forward_gpu(x, (sh, sw), interpolation)
@@ -414,7 +403,7 @@ def upsample2d_backward(dy, size=(2, 2), interpolation="nearest"):
               1 - t and t, rows first (the reverse of the forward).
     """
     _check_images("upsample2d_backward", dy)
-    (sh, sw), interpolation = _check_upsample("upsample2d_backward", size, interpolation)
+    (sh, sw), interpolation = normalize_upsampling("upsample2d_backward", size, interpolation)
     n, H, W, c = dy.shape
     if H % sh or W % sw:
         raise ValueError(f"upsample2d_backward: dy of shape {tuple(dy.shape)} is not a multiple of "
@@ -502,7 +491,7 @@ def _lerp_axis_backward(dy, axis, s):
 
 def upsample2d_reference(x, size=(2, 2), interpolation="nearest"):
     """Loops over output pixels; bilinear as TF's resize_bilinear (half-pixel centres)."""
-    (sh, sw), interpolation = _check_upsample("upsample2d", size, interpolation)
+    (sh, sw), interpolation = normalize_upsampling("upsample2d", size, interpolation)
     n_, h_, w_, c_ = x.shape
     y = np.empty((n_, h_ * sh, w_ * sw, c_), dtype=x.dtype)
     for n, i, j, c in np.ndindex(*y.shape):
@@ -517,7 +506,7 @@ def upsample2d_reference(x, size=(2, 2), interpolation="nearest"):
 
 
 def upsample2d_backward_reference(dy, size=(2, 2), interpolation="nearest"):
-    (sh, sw), interpolation = _check_upsample("upsample2d_backward", size, interpolation)
+    (sh, sw), interpolation = normalize_upsampling("upsample2d_backward", size, interpolation)
     n_, H, W, c_ = dy.shape
     h_, w_ = H // sh, W // sw
     dx = np.zeros((n_, h_, w_, c_), dtype=dy.dtype)

@@ -61,6 +61,18 @@ def normalize_padding(padding, n: int = 2):
     return pairs
 
 
+INTERPOLATIONS = ("nearest", "bilinear")
+
+
+def normalize_upsampling(fn: str, size, interpolation):
+    """Up-sampling settings: integer factors ``(sh, sw) >= 1`` and 'nearest' or 'bilinear'."""
+    size = normalize_tuple(size, 2, "size", minimum=1)
+    if not isinstance(interpolation, str) or interpolation.lower() not in INTERPOLATIONS:
+        raise ValueError(f"{fn}: interpolation must be one of {INTERPOLATIONS}, "
+                         f"got {interpolation!r}")
+    return size, interpolation.lower()
+
+
 def dilated_extent(kernel: int, dilation: int) -> int:
     """Extent of a kernel of size ``kernel`` with holes: (k - 1) * d + 1."""
     return (kernel - 1) * dilation + 1

@@ -32,7 +32,7 @@ import numbers
 
 import numpy as np
 
-from minicnn.registry import resolve
+from minicnn.registry import Configurable, resolve
 
 # Standard deviation of a unit normal truncated to [-2, 2] (Keras divides by it).
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -88,7 +88,7 @@ def draw_truncated_normal(shape, mean=0.0, stddev=1.0, generator=None):
     return values.reshape(shape)
 
 
-class Initializer:
+class Initializer(Configurable):
     """Base class: ``init(shape, dtype="float32") -> np.ndarray``; ``get_config()`` gives its arguments."""
 
     def __call__(self, shape, dtype="float32"):
@@ -96,14 +96,6 @@ class Initializer:
 
     def get_config(self):
         return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 # ----------------------------------------------------------------------------- constants

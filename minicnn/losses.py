@@ -32,7 +32,7 @@ import numpy as np
 
 from kernels import backend
 from kernels import losses as K
-from minicnn.registry import resolve
+from minicnn.registry import Configurable, resolve
 from minicnn.tensor import Function, Tensor, as_tensor
 
 __all__ = [
@@ -144,7 +144,7 @@ class LossOp(Function):
         return (d_pred.astype(self.input_dtype, copy=False),)
 
 
-class Loss:
+class Loss(Configurable):
     """Base of every loss: ``loss(y_true, y_pred, sample_weight=None) -> Tensor``.
 
     Subclasses implement ``_prepare(y_true, pred_shape, dtype, xp) -> plan`` (checks, raising
@@ -191,13 +191,6 @@ class Loss:
     def get_config(self) -> dict:
         return {"name": self.name, "reduction": self.reduction, "dtype": self.dtype}
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
     # -- shared checks ----------------------------------------------------------------------------
     def _set_options(self, from_logits, label_smoothing, axis, class_weight):

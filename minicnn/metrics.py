@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import backend
-from minicnn.registry import resolve
+from minicnn.registry import Configurable, resolve
 from minicnn.tensor import Tensor
 
 __all__ = ["Metric", "PixelAccuracy", "MeanIoU", "DiceCoefficient", "get", "pair_counts"]
@@ -107,7 +107,7 @@ def pair_counts(index, weights, size):
     return counts
 
 
-class Metric:
+class Metric(Configurable):
     """Base: ``update_state``, ``result`` (a Python float), ``reset_state``; ``m(y_true, y_pred)``
     updates then returns the result (Keras 3's Metric.__call__)."""
 
@@ -131,10 +131,6 @@ class Metric:
 
     def get_config(self) -> dict:
         return {"name": self.name, "dtype": self.dtype}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r})"

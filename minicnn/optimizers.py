@@ -29,26 +29,17 @@ import types
 import numpy as np
 
 from kernels import backend
+from minicnn.registry import Configurable
 
 
 # =============================================================================== schedules
 
-class LearningRateSchedule:
+class LearningRateSchedule(Configurable):
     """Base class: ``schedule(step) -> float`` for the optimizer step count (0, 1, 2 ...)."""
 
     def __call__(self, step):
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(step)")
 
-    def get_config(self):
-        raise NotImplementedError(f"{type(self).__name__} must implement get_config()")
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 def _check_positive_steps(who, name, value):

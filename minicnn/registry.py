@@ -35,3 +35,19 @@ def resolve(identifier, kind: str, base: type, classes: dict, aliases: dict,
         return identifier
     raise TypeError(f"{kind}s.get: expected a name, a config dict, a {base.__name__} or a "
                     f"callable, got {type(identifier).__name__}")
+
+
+class Configurable:
+    """Base of the objects ``resolve`` rebuilds: ``get_config()`` gives the constructor's
+    arguments, ``from_config(config)`` calls the constructor with them, and the repr shows them."""
+
+    def get_config(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must implement get_config()")
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 from kernels import backend
 from kernels.cuda import runtime as rt
-from kernels.shapes import normalize_tuple
+from kernels.shapes import normalize_upsampling
 
 SOURCE = "upsample.cu"
-INTERPOLATIONS = ("nearest", "bilinear")
 
 
 def _check(fn, shape, size, interpolation):
     if len(shape) != 4:
         raise ValueError(f"{fn}: expected images of shape (N, H, W, C), got shape {tuple(shape)}")
-    size = normalize_tuple(size, 2, "size", minimum=1)
-    if not isinstance(interpolation, str) or interpolation.lower() not in INTERPOLATIONS:
-        raise ValueError(f"{fn}: interpolation must be one of {INTERPOLATIONS}, "
-                         f"got {interpolation!r}")
-    return size, interpolation.lower()
+    return normalize_upsampling(fn, size, interpolation)
 
 
 def upsample2d_forward_gpu(x, size=(2, 2), interpolation="nearest"):

@@ -16,8 +16,7 @@ strides default to pool_size; out = floor((n - pool) / stride) + 1 ('valid') or 
 """
 from __future__ import annotations
 
-from kernels.pooling import INTERPOLATIONS
-from kernels.shapes import conv_output_length, normalize_tuple
+from kernels.shapes import conv_output_length, normalize_tuple, normalize_upsampling
 from minicnn.functions import pooling as F
 from minicnn.layers.base import Layer, format_shape
 
@@ -122,11 +121,7 @@ class UpSampling2D(Layer):
                  **kwargs):
         super().__init__(name=name, **kwargs)
         _check_data_format("UpSampling2D", data_format)
-        self.size = normalize_tuple(size, 2, "UpSampling2D: size", minimum=1)
-        if not isinstance(interpolation, str) or interpolation.lower() not in INTERPOLATIONS:
-            raise ValueError(f"UpSampling2D: interpolation must be one of {INTERPOLATIONS}, "
-                             f"got {interpolation!r}")
-        self.interpolation = interpolation.lower()
+        self.size, self.interpolation = normalize_upsampling("UpSampling2D", size, interpolation)
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from minicnn.training import Callback
+from minicnn.callbacks import Callback
 
 
 class UsageError(Exception):
@@ -170,9 +170,10 @@ def train(args) -> int:
                             augment=args.augment, model=model)
 
     validation = RegionValidation(train_set, val_set, num_classes, crop, args, best, history)
+    callbacks = [validation] + tensorboard_callback(args, val_set, crop)
     started = time.perf_counter()
     model.fit(epoch_batches, epochs=args.epochs, initial_epoch=start,
-              steps_per_epoch=args.steps_per_epoch, callbacks=[validation])
+              steps_per_epoch=args.steps_per_epoch, callbacks=callbacks)
     print(f"trained in {time.perf_counter() - started:.0f} s; best validation Dice "
           f"{validation.best:.4f}")
     write_history(args.out, validation.history)
@@ -203,6 +204,23 @@ class RegionValidation(Callback):
             io.save_model(self.model, os.path.join(self.args.out, "model.npz"))
         io.save_checkpoint(os.path.join(self.args.out, "last.npz"), self.model, epoch + 1,
                            extra={"history": self.history, "best": self.best})
+
+
+def tensorboard_callback(args, val_set, crop, count=3) -> list:
+    """[TensorBoard(--tensorboard DIR)] with up to ``count`` validation crops drawn each epoch,
+    or [] without the flag."""
+    if args.tensorboard is None:
+        return []
+    from minicnn.callbacks import TensorBoard
+    images, masks = val_set
+    corners = [(i, c) for i in range(len(images))
+               for c in range(0, images.shape[2] - crop + 1, crop)][:count]
+    crops = (np.stack([images[i, :crop, c:c + crop] for i, c in corners]),
+             np.stack([masks[i, :crop, c:c + crop] for i, c in corners]))
+    try:
+        return [TensorBoard(args.tensorboard, prediction_images=crops)]
+    except ImportError as error:
+        raise UsageError(f"--tensorboard: {error}") from None
 
 
 def recalibrate(model, train_set, crop, args, batches=8):
@@ -380,6 +398,8 @@ def make_parser() -> Parser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default="runs/minicnn")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    run.add_argument("--tensorboard", metavar="DIR", default=None,
+                     help="write TensorBoard logs (scalars, validation predictions) to DIR")
     ev = commands.add_parser("evaluate", help="test-region scores of saved weights")
     ev.add_argument("--weights", required=True)
     ev.add_argument("--dataset", default="nuclei", choices=["nuclei", "m2nist", "shapes"])

@@ -111,6 +111,8 @@ class Metric(Configurable):
     """Base: ``update_state``, ``result`` (a Python float), ``reset_state``; ``m(y_true, y_pred)``
     updates then returns the result (Keras 3's Metric.__call__)."""
 
+    _direction = "up"      # every metric here grows as the model improves (callbacks' mode="auto")
+
     def __init__(self, name=None, dtype=None):
         self.name = name or type(self).__name__.lower()
         self.dtype = dtype

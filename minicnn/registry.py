@@ -8,11 +8,16 @@ An identifier is None, an instance of the family's base class (returned as is), 
 from __future__ import annotations
 
 
+def _module(kind: str) -> str:
+    """The module a family's ``get`` lives in: 'losses' for 'loss', 'metrics' for 'metric'."""
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
 def find_class(name: str, kind: str, classes: dict, aliases: dict):
     """The class called ``name`` (exact class name first, then an alias); ValueError otherwise."""
     cls = classes.get(name) or aliases.get(str(name).lower().replace("-", "_"))
     if cls is None:
-        raise ValueError(f"{kind}s.get: unknown {kind} {name!r}; known: {sorted(aliases)} "
+        raise ValueError(f"{_module(kind)}.get: unknown {kind} {name!r}; known: {sorted(aliases)} "
                          f"or a class name {sorted(classes)}")
     return cls
 
@@ -26,14 +31,14 @@ def resolve(identifier, kind: str, base: type, classes: dict, aliases: dict,
         return identifier(**kwargs)
     if isinstance(identifier, dict):
         if "class_name" not in identifier:
-            raise ValueError(f"{kind}s.get: a dict identifier needs 'class_name', got {identifier!r}")
+            raise ValueError(f"{_module(kind)}.get: a dict identifier needs 'class_name', got {identifier!r}")
         cls = find_class(identifier["class_name"], kind, classes, aliases)
         return cls.from_config({**(identifier.get("config") or {}), **kwargs})
     if isinstance(identifier, str):
         return find_class(identifier, kind, classes, aliases)(**kwargs)
     if allow_callable and callable(identifier):
         return identifier
-    raise TypeError(f"{kind}s.get: expected a name, a config dict, a {base.__name__} or a "
+    raise TypeError(f"{_module(kind)}.get: expected a name, a config dict, a {base.__name__} or a "
                     f"callable, got {type(identifier).__name__}")
 
 

@@ -1,4 +1,5 @@
-"""compile / fit / evaluate / predict, callbacks, and the batch-norm statistics re-estimate.
+"""compile / fit / evaluate / predict, the callback hooks and History, and the batch-norm
+statistics re-estimate.
 
 One training step is the explicit loop of the README, run for you::
 
@@ -8,15 +9,16 @@ One training step is the explicit loop of the README, run for you::
 """
 from __future__ import annotations
 
-import csv
 import math
-import os
+import numbers
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from kernels import backend
-from minicnn import rng
+from minicnn import losses, metrics as metrics_module, optimizers, rng
+from minicnn.layers.normalization import BatchNormalization
 from minicnn.tensor import Tensor, no_grad
 
 
@@ -24,17 +26,52 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite during training."""
 
 
-class History:
-    """What ``fit`` returns: ``history.history[name]`` is a list with one value per epoch."""
+# -- the hooks fit calls (the Keras-named callbacks are in minicnn.callbacks) -----------------------
+class Callback:
+    """Hooks called by ``fit``; ``self.model`` is the model being trained and ``self.params``
+    holds ``{"epochs", "steps", "verbose"}``. ``logs`` are dicts of Python floats."""
+
+    model = None
+    params: dict = {}
+
+    def set_model(self, model):
+        self.model = model
+
+    def set_params(self, params):
+        self.params = params
+
+    def on_train_begin(self, logs=None): pass
+    def on_train_end(self, logs=None): pass
+    def on_epoch_begin(self, epoch, logs=None): pass
+    def on_epoch_end(self, epoch, logs=None): pass
+    def on_batch_begin(self, batch, logs=None): pass
+    def on_batch_end(self, batch, logs=None): pass
+    def on_test_begin(self, logs=None): pass
+    def on_test_end(self, logs=None): pass
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.on_batch_begin(batch, logs=logs)       # Keras' backward-compatible alias
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_batch_end(batch, logs=logs)
+
+
+class History(Callback):
+    """Records every epoch's logs: ``history.history[name]`` is a list, ``history.epoch`` the
+    epoch numbers; ``fit`` adds one (last, so it sees what other callbacks log) and returns it."""
 
     def __init__(self):
         self.history: dict[str, list] = {}
         self.epoch: list[int] = []
 
-    def append(self, epoch: int, logs: dict) -> None:
+    def on_train_begin(self, logs=None):
+        self.epoch = []
+
+    def on_epoch_end(self, epoch, logs=None):
         self.epoch.append(epoch)
-        for key, value in logs.items():
+        for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(value)
+        self.model.history = self
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -66,6 +103,27 @@ def _read_back(scalars) -> list:
     return backend.to_numpy(xp.stack(scalars)).tolist()
 
 
+def _check_batch_size(batch_size, where: str):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or \
+            batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}")
+
+
+def _check_fit_arguments(batch_size, epochs, initial_epoch, steps_per_epoch, validation_split,
+                         log_every):
+    """ValueError naming the first of fit's numeric arguments that makes no sense."""
+    _check_batch_size(batch_size, "fit")
+    for name, value, low in (("epochs", epochs, 0), ("initial_epoch", initial_epoch, 0),
+                             ("steps_per_epoch", steps_per_epoch, 1),
+                             ("log_every", log_every, 1)):
+        if value is None and name in ("steps_per_epoch", "log_every"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"fit: {name} must be an int >= {low}, got {value!r}")
+    if not isinstance(validation_split, numbers.Real) or not 0 <= validation_split < 1:
+        raise ValueError(f"fit: validation_split must be in [0, 1), got {validation_split!r}")
+
+
 def _check_xy(x, y, where: str):
     if y is not None and len(x) != len(y):
         raise ValueError(f"{where}: x has {len(x)} samples but y has {len(y)}")
@@ -82,7 +140,6 @@ class Trainer:
 
     def compile(self, optimizer="adam", loss=None, metrics=None):
         """Choose the optimizer, the loss and the metrics (names or objects)."""
-        from minicnn import losses, metrics as metrics_module, optimizers
         self.optimizer = optimizers.get(optimizer)
         if loss is None:
             raise ValueError("compile: a loss is needed, e.g. "
@@ -90,6 +147,30 @@ class Trainer:
         self.loss = losses.get(loss)
         self.compiled_metrics = [metrics_module.get(m) for m in metrics or []]
         return self
+
+    def _check_batch(self, x, where: str, name: str):
+        """ValueError naming ``name`` unless x is a non-empty batch of the model's input rank."""
+        if not hasattr(x, "ndim") or not hasattr(x, "shape"):
+            raise TypeError(f"{where}: {name} must be an array (N, ...), got {type(x).__name__}")
+        rank = self._input_rank()
+        if rank is not None and x.ndim != rank:
+            hint = (" (one image (H, W, C) needs a batch axis: x[None])" if x.ndim == rank - 1
+                    else "")
+            raise ValueError(f"{where}: {name} must be a batch of rank {rank}, e.g. (N, H, W, C) "
+                             f"for images, got shape {tuple(x.shape)}{hint}")
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"{where}: {name} holds no samples (shape {tuple(x.shape)})")
+
+    def _input_rank(self):
+        """The rank the model's input must have, where it is known: a functional model's
+        Input, the shape it was built for, a Sequential's first layer's or the model's own
+        ``input_ndim``."""
+        if getattr(self, "functional", False):
+            return len(self.inputs[0].shape) if len(self.inputs) == 1 else None
+        if isinstance(self.built_input_shape, tuple):
+            return len(self.built_input_shape)
+        first = self.stack[0] if getattr(self, "stack", None) else self   # Sequential
+        return first.input_ndim
 
     def _require_compiled(self, what: str):
         if self.loss is None:
@@ -135,9 +216,11 @@ class Trainer:
         10 on a GPU), which is also when a NaN loss is caught.
         """
         self._require_compiled("fit")
-        from tqdm.auto import tqdm
+        _check_fit_arguments(batch_size, epochs, initial_epoch, steps_per_epoch,
+                             validation_split, log_every)
         if _is_array(x):
             x, y = _host(x), _host(y)
+            self._check_batch(x, "fit", "x")
             _check_xy(x, y, "fit")
             if validation_split and validation_data is None:
                 split = int(len(x) * (1 - validation_split))
@@ -157,27 +240,34 @@ class Trainer:
         if log_every is None:
             log_every = 1 if self.device == "cpu" else 10
 
-        history = History()
         callbacks = list(callbacks or [])
+        history = next((cb for cb in callbacks if isinstance(cb, History)), None)
+        if history is None:                # last, so it records what other callbacks log
+            history = History()
+            callbacks.append(history)
         for cb in callbacks:
             cb.set_model(self)
+            cb.set_params({"verbose": verbose, "epochs": epochs, "steps": steps})
         self.stop_training = False
         self.history = history
         for cb in callbacks:
-            cb.on_train_begin()
+            cb.on_train_begin({})
         last_good = None
         global_step = 0
+        logs = {}
         for epoch in range(initial_epoch, epochs):
             for cb in callbacks:
-                cb.on_epoch_begin(epoch)
+                cb.on_epoch_begin(epoch, {})
             self._reset_metrics()
             started = time.perf_counter()
             bar = tqdm(total=steps, desc=f"Epoch {epoch + 1}/{epochs}", leave=False,
                        disable=verbose != 1, dynamic_ncols=True)
-            loss_sum, loss_count, pending = 0.0, 0, []
+            loss_sum, loss_count, pending, batch_logs = 0.0, 0, [], {}
             for step, batch in enumerate(make_batches(epoch)):
                 if steps is not None and step >= steps:
                     break
+                for cb in callbacks:
+                    cb.on_train_batch_begin(step, batch_logs)
                 xb, yb = batch[0], batch[1]
                 sw = batch[2] if len(batch) > 2 else None
                 pending.append(self.train_step(xb, yb, sw).data)
@@ -195,11 +285,11 @@ class Trainer:
                     loss_sum += sum(values)
                     loss_count += len(values)
                     pending = []
-                    bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}",
-                                    **{k: f"{v:.4f}" for k, v in self._metric_logs().items()})
+                    batch_logs = {"loss": loss_sum / loss_count, **self._metric_logs()}
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in batch_logs.items()})
                 bar.update(1)
-                for cb in callbacks:
-                    cb.on_batch_end(step)
+                for cb in callbacks:          # the running means as last read back
+                    cb.on_train_batch_end(step, dict(batch_logs))
             if pending:
                 values = _read_back(pending)
                 if not all(math.isfinite(v) for v in values):
@@ -212,13 +302,14 @@ class Trainer:
             logs = {"loss": loss_sum / max(loss_count, 1), **self._metric_logs()}
             if validation_data is not None:
                 for cb in callbacks:
-                    cb.on_validation_begin()
+                    cb.on_test_begin({})
                 val = self.evaluate(validation_data[0], validation_data[1],
                                     batch_size=batch_size, verbose=0, return_dict=True)
+                for cb in callbacks:
+                    cb.on_test_end(dict(val))
                 logs.update({"val_" + k: v for k, v in val.items()})
             for cb in callbacks:             # callbacks may add entries (val scores, say)
                 cb.on_epoch_end(epoch, logs)
-            history.append(epoch, logs)
             if verbose:
                 elapsed = time.perf_counter() - started
                 text = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
@@ -226,7 +317,7 @@ class Trainer:
             if self.stop_training:
                 break
         for cb in callbacks:
-            cb.on_train_end()
+            cb.on_train_end(dict(logs))
         return history
 
     def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False):
@@ -234,7 +325,9 @@ class Trainer:
 
         The weighted sum of the losses stays on the model's device (float64) until the end."""
         self._require_compiled("evaluate")
+        _check_batch_size(batch_size, "evaluate")
         x, y = _host(x), _host(y)
+        self._check_batch(x, "evaluate", "x")
         _check_xy(x, y, "evaluate")
         saved = self.compiled_metrics
         self.compiled_metrics = [type(m).from_config(m.get_config()) for m in saved]
@@ -258,7 +351,9 @@ class Trainer:
 
     def predict(self, x, batch_size=32, verbose=0):
         """The model's outputs for x, batched, in inference mode, as a NumPy array."""
+        _check_batch_size(batch_size, "predict")
         x = _host(x)
+        self._check_batch(x, "predict", "x")
         device = self.device
         outputs = []
         with no_grad():
@@ -270,7 +365,6 @@ class Trainer:
 # -- batch-norm statistics -----------------------------------------------------------------------
 def batchnorm_layers(model) -> list:
     """Every BatchNormalization layer inside ``model``, depth first."""
-    from minicnn.layers.normalization import BatchNormalization
     found, stack = [], [model]
     while stack:
         layer = stack.pop()
@@ -303,135 +397,3 @@ def recompute_batchnorm_statistics(model, batches) -> int:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return used
-
-
-# -- callbacks ------------------------------------------------------------------------------------
-class Callback:
-    """Hooks called by ``fit``; ``self.model`` is the model being trained."""
-
-    model = None
-
-    def set_model(self, model):
-        self.model = model
-
-    def on_train_begin(self): pass
-    def on_epoch_begin(self, epoch): pass
-    def on_batch_end(self, step): pass
-    def on_validation_begin(self): pass
-    def on_epoch_end(self, epoch, logs): pass
-    def on_train_end(self): pass
-
-
-class _Monitor:
-    """Tracks the best value of a logged quantity ('min' for losses, 'max' otherwise)."""
-
-    def __init__(self, monitor, mode, min_delta=0.0):
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if mode == "auto":
-            mode = "min" if "loss" in monitor else "max"
-        self.monitor, self.mode, self.min_delta = monitor, mode, abs(min_delta)
-        self.best = math.inf if mode == "min" else -math.inf
-
-    def value(self, logs):
-        if self.monitor not in logs:
-            raise KeyError(f"monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
-        return logs[self.monitor]
-
-    def improved(self, value) -> bool:
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
-
-class ModelCheckpoint(Callback):
-    """Save a checkpoint (weights, optimizer state, epoch, random state) after each epoch, or
-    only when ``monitor`` improves with ``save_best_only``. ``path`` may contain ``{epoch}``."""
-
-    def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto", verbose=0):
-        self.path, self.save_best_only, self.verbose = str(path), save_best_only, verbose
-        self.tracker = _Monitor(monitor, mode)
-
-    def on_epoch_end(self, epoch, logs):
-        from minicnn.io import save_checkpoint
-        if self.save_best_only:
-            value = self.tracker.value(logs)
-            if not self.tracker.improved(value):
-                return
-            self.tracker.best = value
-        save_checkpoint(self.path.format(epoch=epoch + 1), self.model, epoch=epoch + 1)
-
-
-class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
-
-    def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, mode="auto",
-                 restore_best_weights=False):
-        self.tracker = _Monitor(monitor, mode, min_delta)
-        self.patience, self.restore_best_weights = patience, restore_best_weights
-        self.wait, self.best_weights, self.stopped_epoch = 0, None, None
-
-    def on_train_begin(self):
-        self.wait = 0
-
-    def on_epoch_end(self, epoch, logs):
-        value = self.tracker.value(logs)
-        if self.tracker.improved(value):
-            self.tracker.best, self.wait = value, 0
-            if self.restore_best_weights:
-                self.best_weights = self.model.get_weights()
-            return
-        self.wait += 1
-        if self.wait >= self.patience and epoch > 0:     # Keras' rule
-            self.model.stop_training, self.stopped_epoch = True, epoch
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
-
-
-class ReduceLROnPlateau(Callback):
-    """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement."""
-
-    def __init__(self, monitor="val_loss", factor=0.1, patience=10, mode="auto", min_delta=1e-4,
-                 cooldown=0, min_lr=0.0):
-        if factor >= 1.0:
-            raise ValueError(f"ReduceLROnPlateau: factor must be < 1, got {factor}")
-        self.tracker = _Monitor(monitor, mode, min_delta)
-        self.factor, self.patience, self.cooldown, self.min_lr = factor, patience, cooldown, min_lr
-        self.wait, self.cooldown_left = 0, 0
-
-    def on_epoch_end(self, epoch, logs):
-        value = self.tracker.value(logs)
-        if self.cooldown_left > 0:
-            self.cooldown_left -= 1
-            self.wait = 0
-        if self.tracker.improved(value):
-            self.tracker.best, self.wait = value, 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience and self.cooldown_left == 0:
-            optimizer = self.model.optimizer
-            optimizer.learning_rate = max(float(optimizer.current_learning_rate()) * self.factor,
-                                          self.min_lr)
-            self.wait, self.cooldown_left = 0, self.cooldown
-
-
-class CSVLogger(Callback):
-    """Append one row per epoch (epoch, then every logged value) to a CSV file."""
-
-    def __init__(self, filename, separator=",", append=False):
-        self.filename, self.separator, self.append = str(filename), separator, append
-        self.keys = None
-
-    def on_train_begin(self):
-        if not self.append and os.path.exists(self.filename):
-            os.remove(self.filename)
-
-    def on_epoch_end(self, epoch, logs):
-        new = not os.path.exists(self.filename)
-        if self.keys is None:
-            self.keys = list(logs)
-        with open(self.filename, "a", newline="") as handle:
-            writer = csv.writer(handle, delimiter=self.separator)
-            if new:
-                writer.writerow(["epoch"] + self.keys)
-            writer.writerow([epoch] + [logs.get(k, "") for k in self.keys])

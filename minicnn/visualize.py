@@ -667,9 +667,9 @@ def compare_gradient_flow(path=None, depth: int = 6, seed: int = 0, filters: int
     batch_norm=True normalises with batch statistics (a real training step), which by itself
     keeps the plain net's gradients from vanishing (Ioffe and Szegedy 2015): both curves stay flat.
     """
-    import minicnn
     from minicnn.losses import SparseCategoricalCrossentropy
     from minicnn.models import SmallCNN
+    from minicnn.rng import seed as seed_everything
     if depth < 1:
         raise ValueError(f"compare_gradient_flow: depth must be >= 1, got {depth}")
     data = np.random.default_rng(seed)
@@ -678,7 +678,7 @@ def compare_gradient_flow(path=None, depth: int = 6, seed: int = 0, filters: int
     loss = SparseCategoricalCrossentropy(from_logits=True)
     results = {}
     for kind in ("plain", "residual"):
-        minicnn.seed(seed)
+        seed_everything(seed)
         model = SmallCNN(num_classes, filters=filters, blocks=depth, kind=kind)
         flow = gradient_flow(model, x, y, loss, training=batch_norm)
         bridges = {stage.projection.name for stage in model.stages

@@ -25,9 +25,49 @@ def unique_name(base: str) -> str:
 
 
 def snake_case(name: str) -> str:
-    """'BatchNormalization' -> 'batch_normalization', 'Conv2D' -> 'conv2d'."""
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    """Keras' ``to_snake_case``: 'BatchNormalization' -> 'batch_normalization', 'Conv2D' ->
+    'conv2d', 'ReLU' -> 're_lu' (default layer names and Keras' weight-file paths use it)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+# -- classes by name (Keras' deserialisation rule) ---------------------------------------------
+_CLASSES: dict = {}
+
+
+def register(cls, name: str | None = None):
+    """Make ``cls`` findable by ``name`` (its class name by default) when a saved config is read.
+    Every Layer subclass registers itself; minicnn's own classes keep their names."""
+    name = name or cls.__name__
+    known = _CLASSES.get(name)
+    if known is None or not known.__module__.startswith("minicnn."):
+        _CLASSES[name] = cls
+    return cls
+
+
+def layer_class(name: str):
+    """The Layer subclass registered as ``name``; ValueError listing the known ones otherwise."""
+    try:
+        return _CLASSES[name]
+    except KeyError:
+        raise ValueError(f"unknown layer or model class {name!r}; known: {sorted(_CLASSES)}"
+                         ) from None
+
+
+def serialize(layer) -> dict:
+    """``{"module", "class_name", "config"}``: what ``deserialize`` rebuilds the layer from
+    (Keras 3's form; a functional Model's config holds its layers and graph, see Model)."""
+    return {"module": type(layer).__module__, "class_name": type(layer).__name__,
+            "config": layer.get_config()}
+
+
+def deserialize(entry: dict):
+    """A new layer (or model) from ``serialize``'s dict: the class looked up by its name, then
+    ``cls.from_config(entry["config"])``."""
+    if not isinstance(entry, dict) or "class_name" not in entry:
+        raise ValueError(f"a layer entry needs 'class_name' and 'config', got {entry!r:.200}")
+    return layer_class(entry["class_name"]).from_config(dict(entry.get("config") or {}))
 
 
 def format_shape(shape) -> str:
@@ -80,6 +120,10 @@ class Layer:
     """
 
     input_ndim: int | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(cls)
 
     def __init__(self, name=None, trainable=True, dtype="float32", **kwargs):
         if kwargs:
@@ -190,7 +234,12 @@ class Layer:
 
     def get_config(self) -> dict:
         """The constructor's arguments, JSON-able, for saving the architecture."""
-        return {"name": self.name, "trainable": self.trainable}
+        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """A new layer from ``get_config()``'s dict (Keras' rule: the constructor's arguments)."""
+        return cls(**config)
 
     def __call__(self, inputs, training=False, **kwargs):
         flat = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
@@ -248,6 +297,9 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r}>"
+
+
+register(Layer)
 
 
 def _unique(weights) -> list:

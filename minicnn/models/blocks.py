@@ -84,6 +84,8 @@ class SmallCNN(Model):
     x (N, H, W, C) -> logits (N, num_classes).
     """
 
+    input_ndim = 4
+
     def __init__(self, num_classes, filters=16, blocks=3, kind="residual", name=None, **kwargs):
         super().__init__(name=name, **kwargs)
         if kind not in ("residual", "separable", "plain"):

@@ -10,7 +10,9 @@ Subclassed: ``class Net(Model)`` with layers assigned in ``__init__`` and ``call
 """
 from __future__ import annotations
 
-from minicnn.layers.base import Layer, SymbolicTensor, format_shape, shape_of, unique_name
+from minicnn import io
+from minicnn.layers.base import (Input, Layer, SymbolicTensor, deserialize, format_shape, register,
+                                 serialize, shape_of, unique_name)
 from minicnn.tensor import post_order
 from minicnn.training import Trainer
 
@@ -22,6 +24,39 @@ def _as_list(value):
 def graph_nodes(outputs) -> list:
     """The symbolic tensors that lead to ``outputs``, each after its inputs."""
     return post_order(outputs, lambda tensor: tensor.inputs)
+
+
+def keras_order(inputs, outputs) -> list:
+    """The graph's operations (each Input symbol and each layer, once) in the order of Keras 3's
+    ``Functional.layers`` (``keras.src.ops.function.map_graph``): by decreasing depth (the longest
+    path to an output), ties by first visit of a depth-first walk from the outputs. Keras' config
+    and weight-file paths follow this order."""
+    def op(node):
+        return node if node.layer is None else node.layer
+    first_visit, nodes, done = {}, [], set()
+
+    def visit(node):                  # recursive like Keras' _build_map; graphs are shallow
+        if id(node) in done:
+            return
+        first_visit.setdefault(id(op(node)), (len(first_visit), op(node)))
+        for parent in node.inputs:
+            visit(parent)
+        done.add(id(node))
+        nodes.append(node)
+    for output in outputs:
+        visit(output)
+    node_depth, op_depth = {}, {}
+    for node in reversed(nodes):
+        depth = max(node_depth.setdefault(id(node), 0), op_depth.get(id(op(node)), 0))
+        op_depth[id(op(node))] = node_depth[id(node)] = depth
+        for parent in node.inputs:
+            node_depth[id(parent)] = max(depth + 1, node_depth.get(id(parent), 0))
+    for symbol in inputs:             # an input no output needs still comes first (Keras' rule)
+        if id(symbol) not in op_depth:
+            op_depth[id(symbol)] = 0
+            first_visit[id(symbol)] = (-1, symbol)
+    return [item for _, item in sorted(first_visit.values(), key=lambda pair: (
+        -op_depth[id(pair[1])], pair[0]))]
 
 
 class Model(Layer, Trainer):
@@ -61,9 +96,11 @@ class Model(Layer, Trainer):
             for parent in t.inputs:
                 last_use[id(parent)] = position
         self._last_use = last_use
-        for t in self._nodes:              # track each layer once, in call order
-            if all(t.layer is not known_layer for known_layer in self._layers):
-                self._layers.append(t.layer)
+        # not through __setattr__, which would track the layers in the list a second time
+        object.__setattr__(self, "_operations", keras_order(self._inputs, self._outputs))
+        for operation in self._operations:        # each layer once, in Keras' order
+            if isinstance(operation, Layer):
+                self._layers.append(operation)
         self.built = True
         self.built_input_shape = [t.shape for t in self._inputs]
 
@@ -108,20 +145,19 @@ class Model(Layer, Trainer):
         return shape_of(self.call(symbolic, training=False))
 
     # -- saving (see minicnn.io) -------------------------------------------------------------------
-    def save_weights(self, path) -> None:
-        """Every weight to ``path`` (.npz + JSON manifest), written atomically."""
-        from minicnn import io
-        io.save_weights(self, path)
+    def save_weights(self, filepath) -> None:
+        """Every weight to ``filepath``, written atomically; the suffix picks the format
+        (``.npz``: minicnn's, ``.weights.h5``: Keras 3's)."""
+        io.save_weights(self, filepath)
 
-    def load_weights(self, path) -> None:
-        """Weights from ``save_weights`` or a checkpoint; lists every mismatch."""
-        from minicnn import io
-        io.load_weights(self, path)
+    def load_weights(self, filepath) -> None:
+        """Weights from ``save_weights``, a checkpoint or a Keras ``.weights.h5`` / ``.keras``
+        file; every mismatch is listed and nothing is written unless all of them fit."""
+        io.load_weights(self, filepath)
 
-    def save(self, path) -> None:
-        """Architecture and weights; reload with ``minicnn.models.load_model(path)``."""
-        from minicnn import io
-        io.save_model(self, path)
+    def save(self, filepath) -> None:
+        """Architecture and weights; reload with ``minicnn.models.load_model(filepath)``."""
+        io.save_model(self, filepath)
 
     def call(self, inputs, training=False):
         if self.functional:
@@ -166,7 +202,134 @@ class Model(Layer, Trainer):
         print_fn(f"Non-trainable params: {total - trainable:,} ({_size(total - trainable)})")
 
     def get_config(self) -> dict:
-        return {"name": self.name}
+        """A subclassed model: its constructor's arguments (subclasses add theirs). A functional
+        one: Keras 3's graph config, ``{"name", "trainable", "layers": [{"module", "class_name",
+        "config", "name", "inbound_nodes": [{"args": [...], "kwargs": {...}}]}, ...],
+        "input_layers", "output_layers"}``, each tensor a ``{"class_name": "__keras_tensor__",
+        "config": {"shape", "dtype", "keras_history": [layer name, node index, 0]}}``; the
+        layers in ``keras_order``, an Input as an ``InputLayer`` entry with its ``batch_shape``."""
+        if not self.functional:
+            return {"name": self.name}
+        calls, history = {}, {}
+        for node in self._nodes:                   # node index: the layer's k-th call
+            calls.setdefault(id(node.layer), []).append(node)
+            history[id(node)] = [node.layer.name, len(calls[id(node.layer)]) - 1, 0]
+        for symbol in self._inputs:
+            history[id(symbol)] = [symbol.name, 0, 0]
+
+        def tensor(node):
+            return {"class_name": "__keras_tensor__",
+                    "config": {"shape": list(node.shape), "dtype": node.dtype.name,
+                               "keras_history": history[id(node)]}}
+        entries = []
+        for operation in self._operations:
+            if isinstance(operation, SymbolicTensor):
+                entries.append({"module": "minicnn.layers", "class_name": "InputLayer",
+                                "config": {"batch_shape": list(operation.shape),
+                                           "dtype": operation.dtype.name, "name": operation.name},
+                                "name": operation.name, "inbound_nodes": []})
+                continue
+            nodes = [{"args": [[tensor(p) for p in node.inputs] if node.multiple
+                               else tensor(node.inputs[0])], "kwargs": dict(node.kwargs)}
+                     for node in calls[id(operation)]]
+            entries.append({**serialize(operation), "name": operation.name,
+                            "inbound_nodes": nodes})
+        names = [entry["name"] for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"Model '{self.name}': layer and input names must be unique to save "
+                             f"the graph (as Keras), repeated: {repeated}")
+
+        def ends(symbols, single):
+            refs = [history[id(t)] for t in symbols]
+            return refs[0] if single else refs
+        return {"name": self.name, "trainable": self.trainable, "layers": entries,
+                "input_layers": ends(self._inputs, self._single_input),
+                "output_layers": ends(self._outputs, self._single_output)}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The inverse of ``get_config``; a functional config (Keras 3's or minicnn's) is rebuilt
+        call by call, a node waiting until the tensors it takes exist (Keras' rule)."""
+        if "input_layers" not in config:
+            return cls(**config)
+        made, layers, pending = {}, {}, []
+        for entry in config["layers"]:
+            name = entry.get("name") or entry["config"]["name"]
+            if entry["class_name"] == "InputLayer":
+                made[name] = [input_from_config(entry["config"])]
+                continue
+            layers[name], made[name] = deserialize(entry), []
+            pending.append((name, list(entry.get("inbound_nodes") or [])))
+        while any(nodes for _, nodes in pending):
+            progressed = False
+            for name, nodes in pending:
+                while nodes:
+                    try:
+                        args = [_resolve_tensors(arg, made) for arg in nodes[0].get("args", [])]
+                    except _NotYet:
+                        break
+                    if len(args) != 1:
+                        raise ValueError(f"Model.from_config: layer {name!r} is called with "
+                                         f"{len(args)} positional arguments; minicnn layers take "
+                                         "one (a tensor or a list of tensors)")
+                    kwargs = {k: v for k, v in (nodes.pop(0).get("kwargs") or {}).items()
+                              if k not in ("training", "mask")}
+                    made[name].append(layers[name](args[0], **kwargs))
+                    progressed = True
+            if not progressed:
+                waiting = [name for name, nodes in pending if nodes]
+                raise ValueError(f"Model.from_config: the graph cannot be rebuilt; layers "
+                                 f"{waiting} take tensors no layer makes")
+
+        def ends(refs):
+            single = bool(refs) and isinstance(refs[0], str)
+            found = [_resolve_tensors({"class_name": "__keras_tensor__",
+                                       "config": {"keras_history": ref}}, made)
+                     for ref in ([refs] if single else refs)]
+            return found[0] if single else found
+        return cls(ends(config["input_layers"]), ends(config["output_layers"]),
+                   name=config.get("name"), trainable=config.get("trainable", True))
+
+    def export(self, filepath, format="onnx", input_signature=None, opset=17, verbose=None):
+        """Write the model for inference elsewhere, Keras 3's ``Model.export``. Only
+        ``format="onnx"`` (Keras' default is "tf_saved_model", which minicnn does not write):
+        see ``minicnn.io.onnx.export_onnx``."""
+        io.export(self, filepath, format=format, input_signature=input_signature, opset=opset)
+
+
+register(Model, "Functional")      # Keras 3's class name of a graph model
+
+
+def input_from_config(config: dict) -> SymbolicTensor:
+    """An Input symbol from an InputLayer config (``batch_shape``; Keras 2 wrote
+    ``batch_input_shape``)."""
+    shape = config.get("batch_shape") or config.get("batch_input_shape")
+    if not isinstance(shape, (list, tuple)) or len(shape) < 2:
+        raise ValueError(f"InputLayer: expected 'batch_shape' [batch, ...], got {config!r:.200}")
+    return Input(tuple(shape[1:]), batch_size=shape[0], name=config.get("name"),
+                 dtype=config.get("dtype") or "float32")
+
+
+class _NotYet(Exception):
+    """A tensor whose layer call has not been rebuilt yet."""
+
+
+def _resolve_tensors(value, made):
+    """``value`` with each ``__keras_tensor__`` reference replaced by the symbol it names."""
+    if isinstance(value, (list, tuple)):
+        return [_resolve_tensors(v, made) for v in value]
+    if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+        name, node_index, tensor_index = value["config"]["keras_history"]
+        if name not in made:
+            raise ValueError(f"Model.from_config: a tensor refers to an unknown layer {name!r}")
+        if tensor_index != 0:
+            raise ValueError(f"Model.from_config: layer {name!r} output {tensor_index}: minicnn "
+                             "layers have one output")
+        if node_index >= len(made[name]):
+            raise _NotYet(name)
+        return made[name][node_index]
+    return value
 
 
 class Sequential(Model):
@@ -187,6 +350,28 @@ class Sequential(Model):
         for layer in self.stack:
             x = layer(x, training=training)
         return x
+
+    def get_config(self) -> dict:
+        """``{"name", "trainable", "layers": [serialize(layer), ...], "build_input_shape"}``,
+        Keras 3's Sequential config (Keras also lists an InputLayer first)."""
+        shape = self.built_input_shape
+        return {"name": self.name, "trainable": self.trainable,
+                "layers": [serialize(layer) for layer in self.stack],
+                "build_input_shape": None if shape is None else list(shape)}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        shape = config.get("build_input_shape")
+        stack = []
+        for entry in config.get("layers", []):
+            if entry.get("class_name") == "InputLayer":
+                shape = shape or entry["config"].get("batch_shape")
+            else:
+                stack.append(deserialize(entry))
+        model = cls(stack, name=config.get("name"), trainable=config.get("trainable", True))
+        if shape is not None and stack:
+            model.build(tuple(shape))
+        return model
 
 
 def _check_input_shape(model_name, symbol, shape):

@@ -90,6 +90,8 @@ class UNet(Model):
     paper's unpadded net with copy-and-crop bridges (use ``input_size_for(output)``).
     """
 
+    input_ndim = 4
+
     def __init__(self, num_classes, base_filters=16, depth=4, padding="same", dropout=0.0,
                  name=None, **kwargs):
         super().__init__(name=name, **kwargs)

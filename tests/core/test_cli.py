@@ -78,3 +78,16 @@ def test_weights_of_another_architecture(trained, tmp_path):
     result = run_cli("evaluate", "--weights", str(tmp_path / "three.npz"))
     assert result.returncode == 2
     assert "3 classes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_writes_tensorboard_logs(tmp_path):
+    pytest.importorskip("tensorboardX", reason="--tensorboard needs the optional tensorboardX")
+    code = cli.main(["train", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+                     "--crop", "32", "--base-filters", "2", "--depth", "2", "--device", "cpu",
+                     "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")])
+    assert code == 0
+    for run in ("train", "validation"):
+        events = list((tmp_path / "tb" / run).glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0, run
+    text = (tmp_path / "tb" / "validation").glob("events.out.tfevents.*").__next__().read_bytes()
+    assert b"epoch_dice" in text and b"predictions/0" in text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minicnn as mc
-from minicnn import io, layers as kl, training
+from minicnn import callbacks, io, layers as kl, training
 from minicnn.models import Model, Sequential, UNet, load_model
 
 
@@ -66,13 +66,13 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(rng, tmp_path):
     model = small_model()
     path = tmp_path / "ckpt.npz"
     model.fit(x, y, batch_size=4, epochs=1, verbose=0,
-              callbacks=[training.ModelCheckpoint(path, monitor="loss")])
+              callbacks=[callbacks.ModelCheckpoint(path, monitor="loss")])
     saved = io.read_npz(path)[0]
     x_bad = x.copy()
     x_bad[5] = np.nan
     with pytest.raises(training.NonFiniteLossError, match=r"step 2 .*last finite loss: \d"):
         model.fit(x_bad, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[training.ModelCheckpoint(path, monitor="loss")])
+                  callbacks=[callbacks.ModelCheckpoint(path, monitor="loss")])
     after = io.read_npz(path)[0]
     assert saved.keys() == after.keys()
     for key in saved:
@@ -142,7 +142,7 @@ def test_resume_equals_uninterrupted(rng, tmp_path):
         if resume_from:
             start = io.load_checkpoint(resume_from, model)["epoch"]
         model.fit(x, y, batch_size=4, epochs=epochs, initial_epoch=start, verbose=0,
-                  callbacks=[training.ModelCheckpoint(tmp_path / "ck.npz", monitor="loss")])
+                  callbacks=[callbacks.ModelCheckpoint(tmp_path / "ck.npz", monitor="loss")])
         return model
 
     straight = run(4)
@@ -169,13 +169,15 @@ def test_callbacks_early_stopping_reduce_lr_csv(rng, tmp_path):
     model = small_model()
     model.optimizer.learning_rate = 0.0   # nothing improves
     csv_path = tmp_path / "log.csv"
-    plateau = training.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1, min_delta=1.0)
+    plateau = callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1, min_delta=1.0)
     history = model.fit(x, y, batch_size=8, epochs=10, verbose=0, shuffle=False, callbacks=[
-        training.EarlyStopping(monitor="loss", patience=2, min_delta=1.0), plateau,
-        training.CSVLogger(csv_path)])
+        callbacks.EarlyStopping(monitor="loss", patience=2, min_delta=1.0), plateau,
+        callbacks.CSVLogger(csv_path)])
     assert len(history.history["loss"]) == 3
     lines = csv_path.read_text().strip().splitlines()
-    assert lines[0].startswith("epoch,loss") and len(lines) == 4
+    assert lines[0] == ("epoch,learning_rate,loss,pixel_accuracy,"      # Keras: sorted, val_ added
+                        "val_learning_rate,val_loss,val_pixel_accuracy") and len(lines) == 4
+    assert history.history["learning_rate"] == [0.0, 0.0, 0.0]
 
 
 def test_recompute_batchnorm_statistics_averages_batches(rng):
@@ -188,3 +190,94 @@ def test_recompute_batchnorm_statistics_averages_batches(rng):
     means = [conv(b).numpy().mean(axis=(0, 1, 2)) for b in batches]
     np.testing.assert_allclose(bn.weights[2].numpy(), np.mean(means, axis=0), rtol=1e-5, atol=1e-6)
     assert bn.momentum == 0.99
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: m.fit(x, y, batch_size=0, verbose=0), "fit: batch_size must be a positive int"),
+    (lambda m, x, y: m.fit(x, y, batch_size=2.5, verbose=0), "fit: batch_size"),
+    (lambda m, x, y: m.fit(x, y, epochs=-1, verbose=0), "fit: epochs must be an int >= 0"),
+    (lambda m, x, y: m.fit(x, y, steps_per_epoch=0, verbose=0), "fit: steps_per_epoch"),
+    (lambda m, x, y: m.fit(x, y, validation_split=1.0, verbose=0), r"fit: validation_split"),
+    (lambda m, x, y: m.fit(x[0], y[0], verbose=0), r"fit: x must be a batch of rank 4.*x\[None\]"),
+    (lambda m, x, y: m.fit(x[:0], y[:0], verbose=0), "fit: x holds no samples"),
+    (lambda m, x, y: m.fit(x, y[:3], verbose=0), "fit: x has 8 samples but y has 3"),
+    (lambda m, x, y: m.predict(x, batch_size=-1), "predict: batch_size must be a positive int"),
+    (lambda m, x, y: m.predict(x[0]), r"predict: x must be a batch of rank 4, .* got shape \(8, 8, 1\)"),
+    (lambda m, x, y: m.evaluate(x, y, batch_size=0), "evaluate: batch_size"),
+    (lambda m, x, y: m.evaluate(x[..., 0], y), "evaluate: x must be a batch of rank 4"),
+])
+def test_fit_predict_evaluate_name_the_bad_argument(rng, call, message):
+    x, y = small_data(rng)
+    with pytest.raises(ValueError, match=message):
+        call(small_model(), x, y)
+
+
+def test_rank_check_knows_sequential_and_unet_inputs(rng):
+    x, _ = small_data(rng)
+    for model in (UNet(2, base_filters=2, depth=1), Sequential([kl.Conv2D(2, 1)])):
+        with pytest.raises(ValueError, match="predict: x must be a batch of rank 4"):
+            model.predict(x[0])
+    assert Sequential([kl.Dense(2)]).predict(x[:, 0, 0, :]).shape == (8, 2)   # rank 2 is fine
+
+
+def test_bad_files_raise_value_error_naming_the_file(rng, tmp_path):
+    model = small_model()
+    good = tmp_path / "good.npz"
+    model.save(good)
+    payload = good.read_bytes()
+    cases = {
+        "empty.npz": (b"", "an empty file"),
+        "truncated.npz": (payload[:len(payload) // 2], "truncated or corrupt"),
+        "text.npz": (b"hello, world", "not a minicnn .npz file"),
+        "hdf5.npz": (b"\x89HDF\r\n\x1a\n" + bytes(64), "an HDF5 file"),
+    }
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for load in (load_model, model.load_weights, lambda p: io.load_checkpoint(p, model)):
+            with pytest.raises(ValueError, match=expected) as info:
+                load(tmp_path / name)
+            assert name in str(info.value)
+    np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object),
+             __manifest__=np.frombuffer(b"{}", dtype=np.uint8))
+    with pytest.raises(ValueError, match="Python objects") as info:
+        load_model(tmp_path / "objects.npz")
+    assert "allow_pickle" not in str(info.value)
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="foreign.npz is not a minicnn .npz file.*no '__manifest__'"):
+        model.load_weights(tmp_path / "foreign.npz")
+    with pytest.raises(ValueError, match="cannot tell the format of .*x.pt"):
+        model.save_weights(tmp_path / "x.pt")
+
+
+def test_a_failed_load_leaves_the_weights_unchanged(rng, tmp_path):
+    a, b = UNet(2, base_filters=2, depth=2), UNet(2, base_filters=2, depth=2)
+    for m in (a, b):
+        m.build((None, 16, 16, 1))
+    a.save_weights(tmp_path / "a.npz")
+    arrays, manifest = io.read_npz(tmp_path / "a.npz")
+    arrays.pop(sorted(arrays)[-1])                       # one weight missing
+    io.write_npz_atomic(tmp_path / "broken.npz", arrays, manifest)
+    before = b.get_weights()
+    with pytest.raises(ValueError, match="1 problems"):
+        b.load_weights(tmp_path / "broken.npz")
+    for x, y in zip(before, b.get_weights()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_functional_config_round_trips_with_keras_order(rng):
+    inputs = kl.Input((8, 8, 1))
+    a = kl.Conv2D(2, 3, padding="same", name="a")(inputs)
+    b = kl.Conv2D(2, 1, name="b")(a)
+    shared = kl.Conv2D(2, 1, name="shared")
+    c = kl.Add(name="add")([shared(a), shared(b)])
+    model = Model(inputs, c, name="net")
+    config = model.get_config()
+    assert [e["name"] for e in config["layers"]] == [inputs.name, "a", "b", "shared", "add"]
+    assert [n["args"][0]["config"]["keras_history"] for n in config["layers"][3]["inbound_nodes"]] \
+        == [["a", 0, 0], ["b", 0, 0]]
+    assert config["input_layers"] == [inputs.name, 0, 0]
+    rebuilt = Model.from_config(json.loads(json.dumps(config)))
+    rebuilt.set_weights(model.get_weights())
+    x, _ = small_data(rng)
+    np.testing.assert_array_equal(rebuilt.predict(x), model.predict(x))
+    assert [layer.name for layer in rebuilt.layers] == ["a", "b", "shared", "add"]

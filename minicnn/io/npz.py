@@ -1,4 +1,4 @@
-"""Saving and loading: weights, checkpoints and whole models, as ``.npz`` plus a JSON manifest.
+"""minicnn's own files: weights, checkpoints and whole models, as ``.npz`` plus a JSON manifest.
 
 Nothing is pickled: files hold named arrays and one JSON text (stored as a uint8 array), and
 are read with ``allow_pickle=False``. Every file is written to a temporary file in the same folder
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zipfile
 
 import numpy as np
 
 from kernels import backend
 from minicnn import rng
-from minicnn.layers.base import Layer, SymbolicTensor, snake_case
+from minicnn.io.files import check_file, not_readable, write_atomic
+from minicnn.layers.base import Layer, deserialize, serialize, snake_case
 
 MANIFEST = "__manifest__"
 FORMAT = "minicnn-npz-1"
@@ -50,34 +51,32 @@ def named_weights(layer: Layer, prefix: str = "") -> list:
 # -- files ---------------------------------------------------------------------------------------
 def write_npz_atomic(path, arrays: dict, manifest: dict) -> None:
     """Write ``arrays`` and a JSON ``manifest`` to ``path`` through a temporary file and rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = dict(arrays)
     payload[MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_atomic(path, lambda stream: np.savez(stream, **payload))
 
 
 def read_npz(path) -> tuple[dict, dict]:
-    """The arrays and manifest of a file written by ``write_npz_atomic`` (no pickles)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
+    """The arrays and manifest of a file written by ``write_npz_atomic`` (no pickles); a file
+    that is not one (empty, truncated, another format) raises ValueError naming it."""
+    expected = "a minicnn .npz file (a zip of arrays with a JSON manifest)"
+    path = check_file(path, expected, b"PK\x03\x04")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except ValueError:              # an object array inside: NumPy would suggest pickles
+        raise ValueError(f"{path} is not {expected}: it holds Python objects (pickles), which "
+                         "minicnn never loads") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as error:
+        raise not_readable(path, "minicnn .npz file", error) from None
     if MANIFEST not in arrays:
-        raise ValueError(f"{path} is not a minicnn file (no manifest)")
-    manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode("utf-8"))
+        raise ValueError(f"{path} is not {expected}: it has no {MANIFEST!r} entry")
+    try:
+        manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise not_readable(path, "minicnn .npz manifest", error) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not {expected}: its manifest is not a JSON object")
     return arrays, manifest
 
 
@@ -122,6 +121,8 @@ def apply_weights(model, arrays: dict, manifest: dict, source: str = "file") -> 
     for path, w in pairs:
         if path not in saved:
             problems.append(f"missing in {source}: {path} {tuple(w.shape)}")
+        elif saved[path].dtype.kind not in "fiub":
+            problems.append(f"not numbers: {path} holds {saved[path].dtype} values")
         elif tuple(saved[path].shape) != tuple(w.shape):
             problems.append(f"shape differs: {path} model {tuple(w.shape)} vs {source} "
                             f"{tuple(saved[path].shape)}")
@@ -178,71 +179,10 @@ def load_checkpoint(path, model) -> dict:
 
 
 # -- whole models ----------------------------------------------------------------------------------
-def model_config(model) -> dict:
-    """A JSON description of the architecture: built-in class + config, Sequential, or graph."""
-    from minicnn.models.model import Sequential
-    if getattr(model, "functional", False):
-        layers = list(model.layers)
-        index = {id(layer): i for i, layer in enumerate(layers)}
-        symbols = {id(t): f"input{i}" for i, t in enumerate(model.inputs)}
-        nodes = []
-        for k, t in enumerate(model._nodes):
-            symbols[id(t)] = f"node{k}"
-            nodes.append({"layer": index[id(t.layer)], "inputs": [symbols[id(p)] for p in t.inputs],
-                          "multiple": t.multiple, "kwargs": t.kwargs})
-        return {"class_name": "Functional", "name": model.name,
-                "inputs": [{"shape": list(t.shape), "name": t.name} for t in model.inputs],
-                "outputs": [symbols[id(t)] for t in model.outputs],
-                "single_input": model._single_input, "single_output": model._single_output,
-                "layers": [layer_config(layer) for layer in layers], "nodes": nodes}
-    if isinstance(model, Sequential):
-        return {"class_name": "Sequential", "name": model.name,
-                "layers": [layer_config(layer) for layer in model.stack]}
-    return layer_config(model)
-
-
-def layer_config(layer) -> dict:
-    return {"class_name": type(layer).__name__, "config": layer.get_config()}
-
-
-def layer_from_config(entry: dict):
-    """Rebuild one layer (or built-in model) from ``{"class_name", "config"}``."""
-    from minicnn import layers, models
-    name = entry["class_name"]
-    cls = getattr(layers, name, None) or getattr(models, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Layer)):
-        raise ValueError(f"unknown layer or model class {name!r} in the saved config")
-    return cls(**entry["config"])
-
-
-def model_from_config(config: dict):
-    from minicnn.layers.base import Input
-    from minicnn.models.model import Model, Sequential
-    kind = config["class_name"]
-    if kind == "Sequential":
-        return Sequential([layer_from_config(e) for e in config["layers"]], name=config["name"])
-    if kind != "Functional":
-        return layer_from_config(config)
-    layers = [layer_from_config(e) for e in config["layers"]]
-    symbols = {}
-    inputs = []
-    for i, spec in enumerate(config["inputs"]):
-        symbol = Input(tuple(spec["shape"][1:]), batch_size=spec["shape"][0])
-        symbols[f"input{i}"] = symbol
-        inputs.append(symbol)
-    for k, node in enumerate(config["nodes"]):
-        args = [symbols[name] for name in node["inputs"]]
-        symbols[f"node{k}"] = layers[node["layer"]](args if node["multiple"] else args[0],
-                                                    **node["kwargs"])
-    outputs = [symbols[name] for name in config["outputs"]]
-    return Model(inputs[0] if config["single_input"] else inputs,
-                 outputs[0] if config["single_output"] else outputs, name=config["name"])
-
-
 def save_model(model, path) -> None:
-    """Architecture (JSON config) and weights in one file; no pickle."""
+    """Architecture (``serialize(model)``, JSON) and weights in one file; no pickle."""
     arrays, manifest = weights_payload(model)
-    manifest["model"] = model_config(model)
+    manifest["model"] = serialize(model)
     write_npz_atomic(path, arrays, manifest)
 
 
@@ -251,7 +191,11 @@ def load_model(path):
     arrays, manifest = read_npz(path)
     if "model" not in manifest:
         raise ValueError(f"{path} holds weights only; build the model and call load_weights")
-    model = model_from_config(manifest["model"])
+    entry = manifest["model"]
+    if "config" not in entry:
+        raise ValueError(f"{path}: the model was saved by an older minicnn (format 1, no "
+                         "'config'); rebuild it and call load_weights")
+    model = deserialize(entry)
     input_shape = manifest.get("input_shape")
     if not model.weights and input_shape is not None and not isinstance(input_shape[0], list):
         model.build(tuple(input_shape))
@@ -268,21 +212,8 @@ def _jsonable(value):
 
 
 def _version() -> str:
-    import minicnn
-    return minicnn.__version__
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    from importlib import metadata
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        return metadata.version("minicnn")
+    except metadata.PackageNotFoundError:     # run from a source tree that is not installed
+        return "unknown"

@@ -1,0 +1,117 @@
+"""The import graph of minicnn and kernels, read statically from the sources: no cycle but the
+Tensor/operator one, and kernels never imports minicnn.
+
+Every ``import`` statement counts, at module level or deferred inside a function (a deferred
+import hides a cycle, it does not remove it). ``from a.b import c`` is an edge to ``a.b.c`` when
+that is a module, else to ``a.b``; the implicit import of a parent package is not an edge.
+"""
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGES = ("minicnn", "kernels")
+# tensor.py imports functions.math at its end for the operators, which need Tensor defined
+ALLOWED_CYCLES = [{"minicnn.tensor", "minicnn.functions.math"}]
+
+
+def module_files() -> dict:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = path
+    return found
+
+
+def import_graph() -> dict:
+    modules = module_files()
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:                       # relative import
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def strongly_connected(graph: dict) -> list:
+    """Tarjan's algorithm: the components with more than one module."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_the_known_edges():
+    graph = import_graph()
+    assert "minicnn.functions.math" in graph["minicnn.tensor"]      # the deferred one
+    assert "minicnn.io" in graph["minicnn.models.model"]
+    assert "minicnn.layers.base" in graph["minicnn.io.npz"]
+
+
+def test_no_import_cycle_but_the_tensor_operator_one():
+    cycles = strongly_connected(import_graph())
+    unexpected = [sorted(c) for c in cycles if c not in ALLOWED_CYCLES]
+    assert unexpected == [], f"import cycles: {unexpected}"
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert strongly_connected(graph) == [{"a", "b", "c"}]
+
+
+def test_kernels_never_import_minicnn():
+    graph = import_graph()
+    back = {name: sorted(e for e in edges if e.startswith("minicnn"))
+            for name, edges in graph.items() if name.startswith("kernels")}
+    assert {k: v for k, v in back.items() if v} == {}
+
+
+def test_io_callbacks_and_models_import_first_in_a_fresh_interpreter():
+    """Each of the once-cyclic modules imported first, in its own interpreter, works."""
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n")
+    for first in ("minicnn.io", "minicnn.callbacks", "minicnn.training", "minicnn.models.model"):
+        result = subprocess.run([sys.executable, "-c", code, first, "minicnn.models"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr

@@ -10,12 +10,15 @@ kernels of ``kernels/cuda``; ``MINICNN_CUDA_KERNELS=0`` (or ``with array_code_on
 them on their array code instead, which is how the benchmarks compare the two.
 
 Besides the switch, the few operations whose CuPy spelling differs from NumPy's live here:
-``scatter_add`` (``np.add.at``) and ``device_generator`` (random numbers drawn on the GPU).
+``scatter_add`` (``np.add.at``) and ``device_generator`` (random numbers drawn on the GPU),
+and the TF32 switch of CuPy's float32 matrix products (``set_tf32``; off unless asked for).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import warnings
 
 import numpy as np
 
@@ -31,6 +34,7 @@ def _import_cupy():
         try:
             import cupy  # the only import of cupy in the project
             _cupy = cupy
+            _apply_tf32(cupy)
         except Exception as exc:  # ImportError, or a broken CUDA install
             _cupy_error = exc
     return _cupy
@@ -108,6 +112,12 @@ def to_device(array, device: str | None = None):
     return np.asarray(array)
 
 
+def is_floating(dtype) -> bool:
+    """True for float16/32/64 and for bfloat16 (``ml_dtypes.bfloat16``, whose NumPy kind is 'V')."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def to_numpy(array) -> np.ndarray:
     """A host (NumPy) view or copy of any array."""
     return array.get() if is_gpu_array(array) else np.asarray(array)
@@ -174,3 +184,66 @@ def device_generator(seed: int) -> DeviceGenerator:
     """A GPU random generator seeded with ``seed`` (an int in [0, 2**63)); RuntimeError without
     CuPy and a GPU."""
     return DeviceGenerator(seed)
+
+
+# -- TF32 (TensorFloat-32) for float32 matrix products on the GPU ---------------------------------
+def _tf32_from_environment() -> bool:
+    """MINICNN_TF32 (1/0, true/false, on/off) when set, else CuPy's own rule on CUPY_TF32
+    (an integer > 0 means on); off when neither is set."""
+    value = os.environ.get("MINICNN_TF32")
+    if value is not None:
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    try:
+        return int(os.environ.get("CUPY_TF32", "0")) > 0
+    except ValueError:
+        return False
+
+
+_tf32 = _tf32_from_environment()
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 matrix products on the GPU may use TF32 tensor cores (``set_tf32``)."""
+    return _tf32
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let CuPy's float32 matrix products (cuBLAS GEMM: ``@``, ``matmul`` and ``dot`` of 2-D
+    operands, ``tensordot``) run on TF32 tensor cores, or keep them in full float32 (the
+    default, as PyTorch's ``torch.backends.cuda.matmul.allow_tf32 = False``).
+
+    TF32 rounds each float32 input of a product to 10 explicit mantissa bits (unit roundoff
+    2**-11 = 4.9e-4 instead of float32's 2**-24 = 6.0e-8) and accumulates in float32; the
+    exponent, hence the range, is float32's. A product's relative error is then about 1e-3
+    instead of about 1e-6; it needs an Ampere or newer GPU (compute capability >= 8.0).
+
+    CuPy reads ``CUPY_TF32`` once per process, at its first float32 product, and caches the
+    choice. This sets the variable (for a CuPy not yet imported, and for child processes) and,
+    when CuPy is imported, replaces the cached choice (``cupy._core._routines_linalg.
+    set_compute_type(float32, COMPUTE_TYPE_TF32 | COMPUTE_TYPE_DEFAULT)``), so the switch acts
+    on the next product whenever it is called. Not affected: float64 and 16-bit products, and
+    CuPy's batched (3-D and up) ``matmul``, which always computes in full float32.
+    ``NVIDIA_TF32_OVERRIDE=0`` in the environment disables TF32 in every NVIDIA library.
+    """
+    global _tf32
+    _tf32 = bool(enabled)
+    os.environ["CUPY_TF32"] = "1" if _tf32 else "0"
+    if _cupy is not None:
+        _apply_tf32(_cupy)
+
+
+def _apply_tf32(cp) -> bool:
+    """Set CuPy's cached float32 compute type to match ``_tf32``; False (with a warning when
+    TF32 is asked for) if this CuPy has no ``set_compute_type``: then only CUPY_TF32 acts, and
+    only before the process's first float32 product."""
+    try:
+        linalg = importlib.import_module(cp.__name__ + "._core._routines_linalg")
+        compute_type = linalg.COMPUTE_TYPE_TF32 if _tf32 else linalg.COMPUTE_TYPE_DEFAULT
+        linalg.set_compute_type(np.float32, compute_type)
+        return True
+    except Exception as exc:    # no such API in this CuPy, or (TF32 asked) no device to ask
+        if _tf32:
+            warnings.warn(f"set_tf32: could not set CuPy's float32 compute type "
+                          f"({type(exc).__name__}: {exc}); CUPY_TF32=1 acts only if no float32 "
+                          "product has run yet in this process", RuntimeWarning, stacklevel=3)
+        return False

@@ -71,7 +71,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import cuda
-from kernels.backend import cuda_kernels_enabled, get_array_module
+from kernels.backend import cuda_kernels_enabled, get_array_module, is_floating
 from kernels.cpu import (blas_threads_controllable, num_threads, parallel_map, recently_parallel,
                          single_threaded_blas)
 from kernels.shapes import (conv2d_geometry, conv_transpose2d_geometry, normalize_padding,
@@ -123,7 +123,7 @@ def _check_float(fn: str, **arrays):
     """Same floating dtype everywhere: float32 stays float32 (no silent upcast)."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
     for name, dtype in dtypes.items():
-        if dtype.kind != "f":
+        if not is_floating(dtype):
             raise TypeError(f"{fn}: {name} must be a floating array, got dtype {dtype}")
     if len(set(dtypes.values())) > 1:
         detail = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())

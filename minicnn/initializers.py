@@ -32,6 +32,7 @@ import numbers
 
 import numpy as np
 
+from kernels import backend
 from minicnn.registry import Configurable, resolve
 
 # Standard deviation of a unit normal truncated to [-2, 2] (Keras divides by it).
@@ -59,7 +60,7 @@ def _check_shape(shape, who):
 
 def _check_float_dtype(dtype, who):
     dt = np.dtype(dtype)
-    if dt.kind != "f":
+    if not backend.is_floating(dt):
         raise TypeError(f"{who}: dtype must be a floating dtype, got {dt}")
     return dt
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from kernels import backend
 from kernels import losses as K
+from minicnn import mixed_precision
 from minicnn.registry import Configurable, resolve
 from minicnn.tensor import Function, Tensor, as_tensor
 
@@ -150,7 +151,8 @@ class Loss(Configurable):
     Subclasses implement ``_prepare(y_true, pred_shape, dtype, xp) -> plan`` (checks, raising
     ValueError before any graph is built), ``_forward(plan, pred) -> (values, mask, saved,
     extra)`` and ``_backward(grad_values, grad_extra, saved) -> dL/dy_pred``.
-    dtype: None computes in y_pred's float dtype; a dtype casts y_pred to it for the loss.
+    dtype: None computes in y_pred's float dtype (float32 for float16 / bfloat16 predictions,
+    as Keras' losses compute in float32); a dtype casts y_pred to it for the loss.
     """
 
     def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
@@ -161,14 +163,14 @@ class Loss(Configurable):
     def __call__(self, y_true, y_pred, sample_weight=None) -> Tensor:
         where = type(self).__name__
         y_pred = as_tensor(y_pred)
-        if y_pred.dtype.kind != "f":
+        if not backend.is_floating(y_pred.dtype):
             y_pred = Tensor(y_pred.data.astype("float32"))
         device = y_pred.device
         xp = backend.get_array_module(y_pred.data)
         y_true = backend.to_device(_as_array(y_true), device)
         if sample_weight is not None:
             sample_weight = backend.to_device(_as_array(sample_weight), device)
-        dtype = np.dtype(self.dtype or y_pred.dtype)
+        dtype = np.dtype(self.dtype or mixed_precision.loss_dtype(y_pred.dtype))
         if y_true.dtype.kind not in "biuf":
             raise TypeError(f"{where}: y_true must be numeric, got dtype {y_true.dtype}")
         plan = self._prepare(y_true, tuple(y_pred.shape), dtype, xp)

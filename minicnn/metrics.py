@@ -44,7 +44,7 @@ def predicted_ids(y_true, y_pred, from_logits=False, threshold=None, where="metr
     y_true = xp.asarray(y_true)
     if y_true.dtype.kind not in "biuf":
         raise TypeError(f"{where}: y_true must hold integer class ids, got dtype {y_true.dtype}")
-    if y_pred.dtype.kind not in "biuf":
+    if y_pred.dtype.kind not in "biu" and not backend.is_floating(y_pred.dtype):
         raise TypeError(f"{where}: y_pred must be numeric, got dtype {y_pred.dtype}")
     if y_true.ndim == y_pred.ndim and y_true.ndim and y_true.shape[-1] == 1 \
             and y_true.shape != y_pred.shape:

@@ -132,7 +132,7 @@ class Tensor:
     @requires_grad.setter
     def requires_grad(self, value: bool) -> None:
         if value and self.node is None:
-            if self.data.dtype.kind != "f":
+            if not backend.is_floating(self.data.dtype):
                 raise TypeError(f"only floating-point tensors can require gradients, "
                                 f"got dtype {self.data.dtype}")
             self.node = Node(self)

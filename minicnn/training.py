@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kernels import backend
-from minicnn import losses, metrics as metrics_module, optimizers, rng
+from minicnn import losses, metrics as metrics_module, mixed_precision, optimizers, rng
 from minicnn.layers.normalization import BatchNormalization
 from minicnn.tensor import Tensor, no_grad
 
@@ -138,9 +138,14 @@ class Trainer:
     compiled_metrics: list = []
     stop_training = False
 
-    def compile(self, optimizer="adam", loss=None, metrics=None):
-        """Choose the optimizer, the loss and the metrics (names or objects)."""
+    def compile(self, optimizer="adam", loss=None, metrics=None, auto_scale_loss=True):
+        """Choose the optimizer, the loss and the metrics (names or objects). As Keras, a model
+        under the 'mixed_float16' policy gets its optimizer wrapped in a LossScaleOptimizer
+        (unless ``auto_scale_loss=False``)."""
         self.optimizer = optimizers.get(optimizer)
+        if auto_scale_loss and self.dtype_policy.name == "mixed_float16" and \
+                not isinstance(self.optimizer, mixed_precision.LossScaleOptimizer):
+            self.optimizer = mixed_precision.LossScaleOptimizer(self.optimizer)
         if loss is None:
             raise ValueError("compile: a loss is needed, e.g. "
                              "losses.SparseCategoricalCrossentropy(from_logits=True)")
@@ -188,7 +193,8 @@ class Trainer:
         output = self(x, training=True)
         loss = self.loss(y, output, sample_weight=sample_weight)
         self.zero_grad()
-        loss.backward()
+        scale_loss = getattr(self.optimizer, "scale_loss", None)    # LossScaleOptimizer
+        (loss if scale_loss is None else scale_loss(loss)).backward()
         self.optimizer.step(self.trainable_weights)
         self._update_metrics(y, output)
         return loss

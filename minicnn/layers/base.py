@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from kernels import backend
-from minicnn import initializers
+from minicnn import initializers, mixed_precision
 from minicnn.tensor import Tensor
 
 _name_counts: dict = {}
@@ -125,18 +125,41 @@ class Layer:
         super().__init_subclass__(**kwargs)
         register(cls)
 
-    def __init__(self, name=None, trainable=True, dtype="float32", **kwargs):
+    def __init__(self, name=None, trainable=True, dtype=None, **kwargs):
         if kwargs:
             raise TypeError(f"{type(self).__name__}: unexpected arguments {sorted(kwargs)}")
         object.__setattr__(self, "_layers", [])
         self.name = name or unique_name(snake_case(type(self).__name__))
         self.trainable = trainable
-        self.dtype = np.dtype(dtype)
+        self.dtype_policy = mixed_precision.get(dtype)   # None: the global policy, as Keras
         self.built = False
         self.built_input_shape = None
         self.output_shape = None          # of the last call, for summary()
         self._trainable_weights = []
         self._non_trainable_weights = []
+
+    # -- dtypes (Keras' DTypePolicy; see minicnn.mixed_precision) --------------------------------
+    @property
+    def dtype(self) -> np.dtype:
+        """The variable dtype: weights are created in it (Keras' ``layer.dtype``)."""
+        return mixed_precision.as_dtype(self.dtype_policy.variable_dtype)
+
+    @property
+    def variable_dtype(self) -> np.dtype:
+        return self.dtype
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """The dtype the layer computes in: its inputs and weights are cast to it."""
+        return mixed_precision.as_dtype(self.dtype_policy.compute_dtype)
+
+    def cast_weight(self, weight):
+        """``weight`` as the layer computes with it: cast, differentiably, to the compute dtype
+        under a mixed policy (so its gradient comes back in the variable dtype); itself
+        otherwise, and None stays None (Keras' autocast of variables)."""
+        if weight is None or not self.dtype_policy.is_mixed:
+            return weight
+        return mixed_precision.cast(weight, self.compute_dtype)
 
     # -- nested layers ------------------------------------------------------------------------
     def __setattr__(self, key, value):
@@ -234,7 +257,8 @@ class Layer:
 
     def get_config(self) -> dict:
         """The constructor's arguments, JSON-able, for saving the architecture."""
-        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name}
+        return {"name": self.name, "trainable": self.trainable,
+                "dtype": self.dtype_policy.name}      # a dtype name, or e.g. 'mixed_float16'
 
     @classmethod
     def from_config(cls, config: dict):
@@ -246,24 +270,32 @@ class Layer:
         if any(isinstance(x, SymbolicTensor) for x in flat):
             return self._call_symbolic(inputs, **kwargs)
         if isinstance(inputs, (list, tuple)):
-            inputs = [self._as_input(x) for x in inputs]
+            inputs = [self._autocast(self._as_input(x)) for x in inputs]
         else:
-            inputs = self._as_input(inputs)
+            inputs = self._autocast(self._as_input(inputs))
         self._prepare(shape_of(inputs))
         output = self.call(inputs, training=training, **kwargs)
         self.output_shape = shape_of(output)
         return output
 
     def _as_input(self, x) -> Tensor:
-        """A Tensor as it is; an array as a constant Tensor, floats cast to the layer's dtype
-        (as Keras casts inputs)."""
+        """A Tensor as it is; an array as a constant Tensor, floats cast to the layer's compute
+        dtype (as Keras casts inputs)."""
         if isinstance(x, Tensor):
             return x
         if not backend.is_gpu_array(x):
             x = np.asarray(x)
-        if x.dtype.kind == "f" and x.dtype != self.dtype:
-            x = x.astype(self.dtype)
+        if backend.is_floating(x.dtype) and x.dtype != self.compute_dtype:
+            x = x.astype(self.compute_dtype)
         return Tensor(x)
+
+    def _autocast(self, x: Tensor) -> Tensor:
+        """Under a mixed policy, a floating tensor of another dtype is cast (differentiably) to
+        the compute dtype, as Keras autocasts; a single-dtype layer leaves it to the layer."""
+        if self.dtype_policy.is_mixed and backend.is_floating(x.dtype) and \
+                x.dtype != self.compute_dtype:
+            return mixed_precision.cast(x, self.compute_dtype)
+        return x
 
     def _call_symbolic(self, inputs, **kwargs):
         shape = shape_of(inputs)

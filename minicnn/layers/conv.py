@@ -92,15 +92,16 @@ class _BaseConv(Layer):
         self.bias = None
 
     def _cast(self, inputs):
-        """The input in the layer's dtype, as Keras autocasts: a constant (an image batch, even
-        uint8) is converted; a tensor that needs a gradient must already match."""
-        if inputs.dtype == self.dtype:
+        """The input in the layer's compute dtype, as Keras autocasts: a constant (an image
+        batch, even uint8) is converted; a tensor that needs a gradient must already match
+        (under a mixed policy ``Layer.__call__`` has cast it already)."""
+        if inputs.dtype == self.compute_dtype:
             return inputs
         if inputs.requires_grad:
             raise TypeError(f"{type(self).__name__} '{self.name}': input dtype {inputs.dtype} "
-                            f"differs from the layer's {self.dtype}; build the layer with "
-                            f"dtype='{inputs.dtype}' or cast the input first")
-        return Tensor(inputs.data.astype(self.dtype))
+                            f"differs from the layer's {self.compute_dtype}; build the layer "
+                            f"with dtype='{inputs.dtype}' or cast the input first")
+        return Tensor(inputs.data.astype(self.compute_dtype))
 
     def _input_channels(self, input_shape):
         if len(input_shape) != 4 or input_shape[-1] is None:
@@ -165,8 +166,8 @@ class Conv2D(_BaseConv):
         return (input_shape[0], *self._conv_spatial(input_shape), self.filters)
 
     def call(self, inputs, training=False):
-        y = F.conv2d(self._cast(inputs), self.kernel, self.bias, self.strides, self.padding,
-                     self.dilation_rate)
+        y = F.conv2d(self._cast(inputs), self.cast_weight(self.kernel),
+                     self.cast_weight(self.bias), self.strides, self.padding, self.dilation_rate)
         return self.fn(y)
 
     def get_config(self):
@@ -212,7 +213,8 @@ class Conv2DTranspose(_BaseConv):
         return (input_shape[0], *self._spatial(input_shape, length), self.filters)
 
     def call(self, inputs, training=False):
-        y = F.conv2d_transpose(self._cast(inputs), self.kernel, self.bias, self.strides,
+        y = F.conv2d_transpose(self._cast(inputs), self.cast_weight(self.kernel),
+                               self.cast_weight(self.bias), self.strides,
                                self.padding, self.dilation_rate, self.output_padding)
         return self.fn(y)
 
@@ -255,7 +257,8 @@ class DepthwiseConv2D(_BaseConv):
                 channels * self.depth_multiplier)
 
     def call(self, inputs, training=False):
-        y = F.depthwise_conv2d(self._cast(inputs), self.kernel, self.bias, self.strides,
+        y = F.depthwise_conv2d(self._cast(inputs), self.cast_weight(self.kernel),
+                               self.cast_weight(self.bias), self.strides,
                                self.padding, self.dilation_rate)
         return self.fn(y)
 
@@ -302,8 +305,10 @@ class SeparableConv2D(_BaseConv):
         return (input_shape[0], *self._conv_spatial(input_shape), self.filters)
 
     def call(self, inputs, training=False):
-        y = F.separable_conv2d(self._cast(inputs), self.depthwise_kernel, self.pointwise_kernel,
-                               self.bias, self.strides, self.padding, self.dilation_rate)
+        y = F.separable_conv2d(self._cast(inputs), self.cast_weight(self.depthwise_kernel),
+                               self.cast_weight(self.pointwise_kernel),
+                               self.cast_weight(self.bias), self.strides, self.padding,
+                               self.dilation_rate)
         return self.fn(y)
 
     def get_config(self):
@@ -347,9 +352,10 @@ class SpatialSeparableConv2D(_BaseConv):
         (sh, sw), (dh, dw) = self.strides, self.dilation_rate
         # 'same' pads only along the axis whose kernel is longer than 1 (the other has k = 1,
         # stride 1), so both steps together pad exactly as a (kh x kw) 'same' Conv2D.
-        rows = F.conv2d(self._cast(inputs), self.vertical_kernel, None, (sh, 1), self.padding,
-                        (dh, 1))
-        y = F.conv2d(rows, self.horizontal_kernel, self.bias, (1, sw), self.padding, (1, dw))
+        rows = F.conv2d(self._cast(inputs), self.cast_weight(self.vertical_kernel), None,
+                        (sh, 1), self.padding, (dh, 1))
+        y = F.conv2d(rows, self.cast_weight(self.horizontal_kernel), self.cast_weight(self.bias),
+                     (1, sw), self.padding, (1, dw))
         return self.fn(y)
 
     def get_config(self):

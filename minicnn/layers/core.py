@@ -309,9 +309,9 @@ class Dense(Layer):
             inputs = Tensor(inputs)
         lead = inputs.shape[:-1]
         x = inputs if inputs.ndim == 2 else M.reshape(inputs, (-1, inputs.shape[-1]))
-        y = x @ self.kernel
+        y = x @ self.cast_weight(self.kernel)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.cast_weight(self.bias)
         if inputs.ndim != 2:
             y = M.reshape(y, tuple(lead) + (self.units,))
         return self.fn(y)

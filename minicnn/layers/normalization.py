@@ -17,6 +17,7 @@ a frozen layer (trainable=False) normalises with its moving statistics even when
 from __future__ import annotations
 
 from kernels.normalization import update_moving_statistics
+from minicnn import mixed_precision
 from minicnn.functions import math as M
 from minicnn.functions.normalization import BatchNorm, _constant_or, batch_norm
 from minicnn.layers.base import Layer, format_shape
@@ -92,6 +93,11 @@ class BatchNormalization(Layer):
         return self._normalize(inputs, training)
 
     def _normalize(self, x, training):
+        """As Keras, float16 / bfloat16 inputs are normalised in float32 (statistics, gamma,
+        beta), and the result is cast back to the input's dtype."""
+        input_dtype = x.dtype
+        if input_dtype.name in mixed_precision.LOW_PRECISION:
+            x = mixed_precision.cast(x, "float32")
         if training and self.trainable:
             fn = BatchNorm(self.epsilon)
             y = fn(x, *self._gamma_beta(x))
@@ -99,13 +105,21 @@ class BatchNormalization(Layer):
                                                  fn.batch_mean, fn.batch_var, self.momentum)
             self.moving_mean.data[...] = mean
             self.moving_variance.data[...] = var
-            return y
-        gamma, beta = self._gamma_beta(x)
-        return batch_norm(x, gamma, beta, self.moving_mean, self.moving_variance, training=False,
-                          epsilon=self.epsilon)
+        else:
+            gamma, beta = self._gamma_beta(x)
+            y = batch_norm(x, gamma, beta, self._in(self.moving_mean, x),
+                           self._in(self.moving_variance, x), training=False,
+                           epsilon=self.epsilon)
+        return mixed_precision.cast(y, input_dtype)
 
     def _gamma_beta(self, x):
-        return _constant_or(self.gamma, x, 1), _constant_or(self.beta, x, 0)
+        return (_constant_or(self._in(self.gamma, x), x, 1),
+                _constant_or(self._in(self.beta, x), x, 0))
+
+    @staticmethod
+    def _in(weight, x):
+        """A weight in x's dtype (differentiably); itself when it matches, None stays None."""
+        return None if weight is None else mixed_precision.cast(weight, x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis, "momentum": self.momentum,

@@ -128,10 +128,15 @@ _cuda_kernels = os.environ.get("MINICNN_CUDA_KERNELS", "1").strip().lower() not 
                                                                                    "no", "off")
 
 
-def cuda_kernels_enabled() -> bool:
+CUDA_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))   # what the .cu sources build
+
+
+def cuda_kernels_enabled(*arrays) -> bool:
     """Whether kernels run CuPy arrays through the CUDA kernels of ``kernels/cuda`` (the
-    default; ``MINICNN_CUDA_KERNELS=0`` turns them off) rather than through their array code."""
-    return _cuda_kernels
+    default; ``MINICNN_CUDA_KERNELS=0`` turns them off) rather than through their array code.
+    With ``arrays``, also whether each is float32 or float64, the dtypes the CUDA kernels are
+    built for: float16 and bfloat16 arrays (mixed precision) take the array code."""
+    return _cuda_kernels and all(np.dtype(a.dtype) in CUDA_KERNEL_DTYPES for a in arrays)
 
 
 @contextlib.contextmanager

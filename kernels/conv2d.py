@@ -428,7 +428,7 @@ def im2col(x, geometry: ConvGeometry, slot=None):
     off).
     """
     xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(x):
         return cuda.im2col_gpu(x, geometry)
     n, _, _, c = x.shape
     shape = (n, *geometry.out_hw, *geometry.kernel_hw, c)
@@ -455,7 +455,7 @@ def col2im(cols, x_shape, geometry: ConvGeometry, out=None):
     kernel ``kernels.cuda.col2im_gpu`` (a gather, no atomics).
     """
     xp = get_array_module(cols)
-    if xp is not np and cuda_kernels_enabled() and out is None:
+    if xp is not np and cuda_kernels_enabled(cols) and out is None:
         return cuda.col2im_gpu(cols, x_shape, geometry)
     n, height, width, c = x_shape
     (ho, wo), (kh, kw) = geometry.out_hw, geometry.kernel_hw

@@ -222,7 +222,7 @@ def sparse_categorical_crossentropy_forward(labels, output, from_logits, class_w
     get value 0 and gradient 0, whatever their label and output.
     """
     xp = get_array_module(output)
-    if xp is not np and from_logits and cuda_kernels_enabled():
+    if xp is not np and from_logits and cuda_kernels_enabled(output):
         return cuda.sparse_categorical_crossentropy_forward_gpu(labels, output, from_logits,
                                                                 class_weight, valid)
     dtype = output.dtype
@@ -251,7 +251,7 @@ def sparse_categorical_crossentropy_backward(grad, saved):
     """logits: g w[y] (softmax - one_hot(y));  probabilities: dL/dq_y = -w[y] / p_y (if unclipped),
     then through q = y / sum(y)."""
     from_logits, labels, q, s, clipped, weight = saved
-    if get_array_module(q) is not np and from_logits and cuda_kernels_enabled():
+    if get_array_module(q) is not np and from_logits and cuda_kernels_enabled(q):
         return cuda.sparse_categorical_crossentropy_backward_gpu(grad, saved)
     g = grad if weight is None else grad * weight
     target = one_hot(labels, q.shape[-1], q.dtype)

@@ -105,7 +105,7 @@ def batch_norm_forward_training(x, gamma=None, beta=None, epsilon=1e-3):
     """
     gamma, beta = _check("batch_norm", x, gamma, beta, epsilon)
     xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(x):
         return cuda.batch_norm_forward_training_gpu(x, gamma, beta, epsilon)
     m = _count(x)
     rows, b = _rows(x)
@@ -140,7 +140,7 @@ def batch_norm_forward_inference(x, moving_mean, moving_var, gamma=None, beta=No
     (Keras' ``ops.batch_normalization``). x: (..., C); the rest (C,)."""
     gamma, beta = _check("batch_norm (inference)", x, gamma, beta, epsilon)
     xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(x):
         return cuda.batch_norm_forward_inference_gpu(x, moving_mean, moving_var, gamma, beta,
                                                      epsilon)
     moving_mean = _param("batch_norm (inference)", x, moving_mean, "moving_mean")
@@ -190,7 +190,7 @@ def batch_norm_backward(dy, x_centered, inv_std, gamma=None):
         raise ValueError(f"batch_norm_backward: dy of shape {tuple(dy.shape)} vs x_centered of "
                          f"shape {tuple(x_centered.shape)}")
     xp = get_array_module(dy, x_centered)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(dy):
         return cuda.batch_norm_backward_gpu(dy, x_centered, inv_std, gamma)
     m = _count(dy)
     dy_rows, b = _rows(dy)

@@ -135,7 +135,7 @@ def max_pool2d_forward(x, pool_size=(2, 2), strides=None, padding="valid", retur
     _check_images("max_pool2d", x)
     pool, strides, out_hw, pads = _geometry("max_pool2d", x.shape, pool_size, strides, padding)
     xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(x):
         return cuda.max_pool2d_forward_gpu(x, pool_size, strides, padding, return_argmax)
     groups = _image_groups(x)
     if len(groups) > 1:            # large NumPy batches: groups of images on the kernel threads
@@ -384,7 +384,7 @@ def upsample2d_forward(x, size=(2, 2), interpolation="nearest"):
     _check_images("upsample2d", x)
     (sh, sw), interpolation = normalize_upsampling("upsample2d", size, interpolation)
     xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(x):
         return cuda.upsample2d_forward_gpu(x, (sh, sw), interpolation)
     if sh == sw == 1:
         return x.copy()
@@ -409,7 +409,7 @@ def upsample2d_backward(dy, size=(2, 2), interpolation="nearest"):
         raise ValueError(f"upsample2d_backward: dy of shape {tuple(dy.shape)} is not a multiple of "
                          f"size {(sh, sw)}")
     xp = get_array_module(dy)
-    if xp is not np and cuda_kernels_enabled():
+    if xp is not np and cuda_kernels_enabled(dy):
         return cuda.upsample2d_backward_gpu(dy, (sh, sw), interpolation)
     if interpolation == "nearest":
         return _reduce_tiles(_tiles(dy, (sh, sw), (H // sh, W // sw)), xp.add)

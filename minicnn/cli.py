@@ -140,6 +140,10 @@ def train(args) -> int:
     from kernels import backend
 
     device = backend.check_device(args.device)
+    try:
+        mc.mixed_precision.set_precision(args.precision)
+    except RuntimeError as error:                   # bf16 without ml_dtypes
+        raise UsageError(f"--precision {args.precision}: {error}") from None
     if device == "cpu":
         from kernels.cpu import retain_freed_memory
         retain_freed_memory()          # reuse each step's large arrays instead of page-faulting
@@ -163,7 +167,8 @@ def train(args) -> int:
         print(f"resumed from {last_path} after epoch {start}")
     print(f"minicnn train: UNet(num_classes={num_classes}, base_filters={args.base_filters}, "
           f"depth={args.depth}, padding={args.padding!r}), {model.count_params():,} weights, "
-          f"{args.dataset} crops {crop}x{crop}, batch {args.batch_size}, device {device}")
+          f"{args.dataset} crops {crop}x{crop}, batch {args.batch_size}, device {device}, "
+          f"precision {args.precision}")
 
     def epoch_batches(epoch):          # each epoch its own seeded stream: --resume repeats it
         return crop_batches(*train_set, crop, args.batch_size, seed=args.seed * 1000 + epoch,
@@ -395,6 +400,9 @@ def make_parser() -> Parser:
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    run.add_argument("--precision", default="float32", choices=["float32", "tf32", "bf16", "fp16"],
+                     help="float32; tf32: float32 with TF32 GPU products; bf16 / fp16: the "
+                          "mixed_bfloat16 / mixed_float16 policy (fp16 with loss scaling)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default="runs/minicnn")
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")

@@ -79,9 +79,9 @@ def _standard_name(name, where) -> str:
     except TypeError:
         dtype = None
     if dtype is None or not backend.is_floating(dtype):
-        raise ValueError(f"{where}: cannot convert {name!r} to a DTypePolicy. Valid policies "
-                         "include 'mixed_float16', 'mixed_bfloat16', and the name of any float "
-                         "dtype such as 'float32'")
+        raise ValueError(f"{where}: Cannot convert {name!r} to a mixed precision DTypePolicy. "
+                         "Valid policies include 'mixed_float16', 'mixed_bfloat16', and the "
+                         "name of any float dtype such as 'float32'.")
     return dtype.name
 
 
@@ -147,7 +147,7 @@ def set_global_policy(policy) -> None:
     if isinstance(policy, str):
         policy = DTypePolicy(policy)
     if not isinstance(policy, DTypePolicy):
-        raise ValueError(f"set_global_policy: invalid `policy` argument. Expected the string name "
+        raise ValueError(f"set_global_policy: Invalid `policy` argument. Expected the string name "
                          f"of a policy (such as 'mixed_float16') or a `DTypePolicy` instance. "
                          f"Received: policy={policy!r} (of type {type(policy).__name__})")
     _global_policy = policy
@@ -278,10 +278,11 @@ class LossScaleOptimizer(Optimizer):
 
     def step(self, weights) -> None:
         """Unscale and apply the gradients if all are finite, else skip and halve the scale."""
-        weights = [w for w in weights if w.grad is not None]
-        if not weights:
+        weights = list(weights)
+        if all(w.grad is None for w in weights):
             self.inner_optimizer.step(weights)          # the inner optimizer's error message
             return
+        weights = [w for w in weights if w.grad is not None]
         if not all_finite([w.grad for w in weights]):
             self.step_counter = 0
             self.dynamic_scale /= 2.0

@@ -29,6 +29,7 @@ import types
 import numpy as np
 
 from kernels import backend
+from kernels.cuda import adam as fused_adam
 from minicnn.registry import Configurable
 
 
@@ -352,9 +353,14 @@ class Optimizer:
             for w in live:
                 if self._decays(w):
                     w.data -= w.data * (self.weight_decay * lr)
-        for w, g in zip(live, grads):
-            self.update(w.data, g, self._slots_of(w), lr)
+        self.apply_updates(live, grads, lr)
         self.iterations += 1
+
+    def apply_updates(self, weights, grads, lr) -> None:
+        """The update rule on each weight, ``update(w, g, slots, lr)`` one by one (Adam runs
+        them all in one CUDA launch on a GPU)."""
+        for w, g in zip(weights, grads):
+            self.update(w.data, g, self._slots_of(w), lr)
 
     def _clip(self, grads):
         """Keras' _clip_gradients: per-weight norm, global norm, or value."""
@@ -547,6 +553,25 @@ class Adam(Optimizer):
 
     def slot_names(self):
         return ("momentum", "velocity", "velocity_hat") if self.amsgrad else ("momentum", "velocity")
+
+    def apply_updates(self, weights, grads, lr) -> None:
+        """On the GPU (CuPy float32/float64 weights, no amsgrad), every weight in ONE launch of
+        ``kernels.cuda.adam`` (the same step as ``update``); otherwise one ``update`` each."""
+        slots = [self._slots_of(w) for w in weights]
+        updated = [w.data for w in weights] + [s[name] for s in slots
+                                               for name in ("momentum", "velocity")]
+        if self.amsgrad or not backend.is_gpu_array(updated[0]) or \
+                not backend.cuda_kernels_enabled(*updated, *grads) or \
+                len({a.dtype for a in updated + list(grads)}) != 1 or \
+                not all(a.flags.c_contiguous for a in updated):
+            super().apply_updates(weights, grads, lr)
+            return
+        xp = backend.get_array_module(updated[0])
+        fused_adam.adam_update_gpu([w.data for w in weights],
+                                   [xp.ascontiguousarray(g) for g in grads],
+                                   [s["momentum"] for s in slots], [s["velocity"] for s in slots],
+                                   lr, self.beta_1, self.beta_2, self.epsilon,
+                                   self.iterations + 1)
 
     def update(self, w, g, slots, lr):
         xp = backend.get_array_module(w)

@@ -327,6 +327,8 @@ def run_backward(root: Node, grad, retain_graph: bool = False) -> None:
             if parent_grad.shape != parent.shape:
                 raise RuntimeError(f"{fn.name}.backward returned a gradient of shape "
                                    f"{parent_grad.shape} for an input of shape {parent.shape}")
+            if parent_grad.dtype != parent.dtype:   # e.g. NumPy's bfloat16 (ml_dtypes) matrix
+                parent_grad = parent_grad.astype(parent.dtype)    # product returns float32
             key = id(parent)
             pending[key] = parent_grad if key not in pending else pending[key] + parent_grad
         if not retain_graph:

@@ -194,7 +194,11 @@ class Trainer:
         loss = self.loss(y, output, sample_weight=sample_weight)
         self.zero_grad()
         scale_loss = getattr(self.optimizer, "scale_loss", None)    # LossScaleOptimizer
-        (loss if scale_loss is None else scale_loss(loss)).backward()
+        if scale_loss is None:
+            loss.backward()
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):   # an overflow means: skip
+                scale_loss(loss).backward()
         self.optimizer.step(self.trainable_weights)
         self._update_metrics(y, output)
         return loss

@@ -11,6 +11,8 @@ return CuPy arrays and have the signature (and results) of the NumPy kernel they
                                    batch_norm_backward_gpu (+ batch_norm_statistics_gpu)
     softmax_ce.cu / softmax_ce.py  sparse_categorical_crossentropy_forward_gpu,  kernels.losses
                                    _backward_gpu (+ the fused softmax_cross_entropy_gpu)
+    adam.cu / adam.py              adam_update_gpu: Adam on every weight in   minicnn.optimizers.Adam
+                                   one launch (twin: adam_update_reference)
 
 Every kernel is deterministic: reductions run in a fixed order and the backward passes are
 gathers (each output element sums its own contributions), never atomics. A kernel's owner
@@ -23,6 +25,7 @@ dispatches with one line at the top of the NumPy function, e.g. in
 Importing this package does not import CuPy: ``load`` reaches it through ``kernels.backend``
 on the first launch.
 """
+from kernels.cuda.adam import adam_update_gpu, adam_update_reference
 from kernels.cuda.batchnorm import (batch_norm_backward_gpu, batch_norm_forward_inference_gpu,
                                     batch_norm_forward_training_gpu, batch_norm_statistics_gpu)
 from kernels.cuda.conv import col2im_gpu, im2col_gpu
@@ -44,6 +47,7 @@ KERNEL_NAMES = {
                                              "normalize", "backward_dx") for t in ("f32", "f64")],
     "softmax_ce.cu": [f"softmax_ce_{d}_{t}" for d in ("forward", "backward")
                       for t in ("f32", "f64")],
+    "adam.cu": [f"adam_multi_{t}" for t in ("f32", "f64")],
 }
 
 __all__ = [
@@ -54,4 +58,5 @@ __all__ = [
     "batch_norm_forward_training_gpu", "batch_norm_forward_inference_gpu",
     "batch_norm_backward_gpu", "softmax_cross_entropy_gpu",
     "sparse_categorical_crossentropy_forward_gpu", "sparse_categorical_crossentropy_backward_gpu",
+    "adam_update_gpu", "adam_update_reference",
 ]

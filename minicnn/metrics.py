@@ -46,6 +46,8 @@ def predicted_ids(y_true, y_pred, from_logits=False, threshold=None, where="metr
         raise TypeError(f"{where}: y_true must hold integer class ids, got dtype {y_true.dtype}")
     if y_pred.dtype.kind not in "biu" and not backend.is_floating(y_pred.dtype):
         raise TypeError(f"{where}: y_pred must be numeric, got dtype {y_pred.dtype}")
+    if y_pred.dtype.name in ("float16", "bfloat16"):       # mixed precision: score in float32
+        y_pred = y_pred.astype(np.float32)
     if y_true.ndim == y_pred.ndim and y_true.ndim and y_true.shape[-1] == 1 \
             and y_true.shape != y_pred.shape:
         y_true = y_true.reshape(y_true.shape[:-1])          # (N, H, W, 1) masks

@@ -105,8 +105,8 @@ def test_tf32_rounds_float32_products_on_a_gpu(device):
     if int(cp.cuda.Device().compute_capability) < 80:
         pytest.skip("TF32 needs compute capability 8.0 or newer")
     previous = backend.tf32_enabled()
-    a = cp.full((64, 1024), 1 + 2.0 ** -12, dtype=cp.float32)
-    b = cp.ones((1024, 64), dtype=cp.float32)
+    a = cp.full((256, 1024), 1 + 2.0 ** -12, dtype=cp.float32)
+    b = cp.ones((1024, 256), dtype=cp.float32)
     try:
         backend.set_tf32(False)
         strict = float((a @ b)[0, 0])

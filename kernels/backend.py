@@ -57,6 +57,22 @@ def cupy_module():
     return cp
 
 
+def nccl_module():
+    """CuPy's NCCL binding (``cupy.cuda.nccl``, for minicnn.distributed), or a RuntimeError
+    saying what is missing."""
+    cupy_module()
+    try:
+        from cupy.cuda import nccl  # part of CuPy, imported here only, like cupy itself
+    except Exception as exc:
+        raise RuntimeError(f"NCCL: cupy.cuda.nccl could not be imported ({type(exc).__name__}: "
+                           f"{exc})") from exc
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("NCCL: CuPy finds no NCCL library; install it as CuPy's guide says "
+                           "(pip install nvidia-nccl-cu12 with CuPy >= 14, or python -m "
+                           "cupyx.tools.install_library --library nccl --cuda 12.x)")
+    return nccl
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
     try:

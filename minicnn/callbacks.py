@@ -81,6 +81,8 @@ class ModelCheckpoint(_MonitorCallback):
     load_checkpoint`` resumes from (or only the weights with ``save_weights_only``).
     """
 
+    rank_zero_only = True         # under mpiexec, rank 0 alone writes
+
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
                  save_weights_only=False, mode="auto", save_freq="epoch",
                  initial_value_threshold=None):
@@ -242,6 +244,8 @@ class CSVLogger(Callback):
     """One row per epoch: ``epoch`` (from 0), then the logged values in sorted name order (and
     ``val_`` columns, "NA" when there is no validation), as Keras; ``append`` keeps the file."""
 
+    rank_zero_only = True         # under mpiexec, rank 0 alone writes
+
     def __init__(self, filename, separator=",", append=False):
         self.filename, self.sep, self.append = os.fspath(filename), separator, append
         self.keys, self.writer, self.csv_file, self.append_header = None, None, None, True
@@ -287,6 +291,8 @@ class TensorBoard(Callback):
     Keras). Needs the optional ``tensorboardX`` package (``pip install "minicnn[tensorboard]"``);
     Keras' write_graph, write_images, profile_batch and embeddings are not written.
     """
+
+    rank_zero_only = True         # under mpiexec, rank 0 alone writes
 
     def __init__(self, log_dir="logs", histogram_freq=0, write_graph=True, write_images=False,
                  write_steps_per_second=False, update_freq="epoch", profile_batch=0,

@@ -158,6 +158,8 @@ class PixelAccuracy(Metric):
         self.threshold = threshold
         super().__init__(name=name, dtype=dtype)
 
+    state_names = ("_correct", "_total")      # sums: added over ranks by minicnn.distributed
+
     def reset_state(self):
         self._correct = None       # 0-d float64 arrays on the data's device
         self._total = None
@@ -204,6 +206,8 @@ class _ConfusionMatrixMetric(Metric):
         self.from_logits = bool(from_logits)
         self.threshold = threshold
         super().__init__(name=name, dtype=dtype)
+
+    state_names = ("_cm",)
 
     def reset_state(self):
         self._cm = None

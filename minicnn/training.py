@@ -17,7 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kernels import backend
-from minicnn import losses, metrics as metrics_module, mixed_precision, optimizers, rng
+from minicnn import (distributed, losses, metrics as metrics_module, mixed_precision, optimizers,
+                     rng)
 from minicnn.layers.normalization import BatchNormalization
 from minicnn.tensor import Tensor, no_grad
 
@@ -33,6 +34,7 @@ class Callback:
 
     model = None
     params: dict = {}
+    rank_zero_only = False     # under mpiexec, called on rank 0 only (callbacks that write files)
 
     def set_model(self, model):
         self.model = model
@@ -228,6 +230,7 @@ class Trainer:
         self._require_compiled("fit")
         _check_fit_arguments(batch_size, epochs, initial_epoch, steps_per_epoch,
                              validation_split, log_every)
+        comm = distributed.communicator_of(self)   # several ranks: see minicnn.distributed
         if _is_array(x):
             x, y = _host(x), _host(y)
             self._check_batch(x, "fit", "x")
@@ -236,8 +239,11 @@ class Trainer:
                 split = int(len(x) * (1 - validation_split))
                 x, y, validation_data = x[:split], y[:split], (x[split:], y[split:])
             steps = math.ceil(len(x) / batch_size)
-            steps = steps if steps_per_epoch is None else min(steps, steps_per_epoch)
             make_batches = lambda epoch: array_batches(x, y, batch_size, shuffle)  # noqa: E731
+            if comm is not None:                  # each rank its share of every batch
+                make_batches, steps = distributed.sharded_array_batches(x, y, batch_size,
+                                                                        shuffle, comm)
+            steps = steps if steps_per_epoch is None else min(steps, steps_per_epoch)
         elif callable(x):                          # epoch -> that epoch's batches
             make_batches, steps = x, steps_per_epoch
         else:
@@ -251,6 +257,9 @@ class Trainer:
             log_every = 1 if self.device == "cpu" else 10
 
         callbacks = list(callbacks or [])
+        if comm is not None and comm.rank != 0:   # rank 0 alone prints and writes files
+            verbose = 0
+            callbacks = [cb for cb in callbacks if not getattr(cb, "rank_zero_only", False)]
         history = next((cb for cb in callbacks if isinstance(cb, History)), None)
         if history is None:                # last, so it records what other callbacks log
             history = History()
@@ -280,7 +289,11 @@ class Trainer:
                     cb.on_train_batch_begin(step, batch_logs)
                 xb, yb = batch[0], batch[1]
                 sw = batch[2] if len(batch) > 2 else None
+                if comm is not None and global_step == 0:     # start from rank 0's weights
+                    distributed.broadcast_weights(self, comm, build_with=xb)
                 pending.append(self.train_step(xb, yb, sw).data)
+                if comm is not None:
+                    distributed.average_moving_statistics(batchnorm_layers(self), comm)
                 global_step += 1
                 if len(pending) >= log_every:
                     values = _read_back(pending)
@@ -309,6 +322,8 @@ class Trainer:
                 loss_sum += sum(values)
                 loss_count += len(values)
             bar.close()
+            if comm is not None:                  # the loss and metrics of every rank's shares
+                loss_sum, loss_count = distributed.reduce_epoch(self, comm, loss_sum, loss_count)
             logs = {"loss": loss_sum / max(loss_count, 1), **self._metric_logs()}
             if validation_data is not None:
                 for cb in callbacks:
@@ -333,12 +348,19 @@ class Trainer:
     def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False):
         """Loss and metrics over (x, y) in inference mode, batch-size weighted.
 
-        The weighted sum of the losses stays on the model's device (float64) until the end."""
+        The weighted sum of the losses stays on the model's device (float64) until the end.
+        Under a DistributedOptimizer each rank scores its share and the sums are added up."""
         self._require_compiled("evaluate")
         _check_batch_size(batch_size, "evaluate")
         x, y = _host(x), _host(y)
         self._check_batch(x, "evaluate", "x")
         _check_xy(x, y, "evaluate")
+        comm = distributed.communicator_of(self)
+        if comm is not None and len(x) >= comm.size:
+            lo, hi = distributed.shard_bounds(len(x), comm.rank, comm.size)
+            x, y = x[lo:hi], y[lo:hi]
+        else:
+            comm = None
         saved = self.compiled_metrics
         self.compiled_metrics = [type(m).from_config(m.get_config()) for m in saved]
         device = self.device
@@ -351,7 +373,10 @@ class Trainer:
                 total = weighted if total is None else total + weighted
                 count += len(xb)
                 self._update_metrics(yb, output)
-        mean_loss = 0.0 if total is None else float(total) / max(count, 1)
+        total = 0.0 if total is None else float(total)
+        if comm is not None:
+            total, count = distributed.reduce_epoch(self, comm, total, count)
+        mean_loss = total / max(count, 1)
         logs = {"loss": mean_loss, **self._metric_logs()}
         self.compiled_metrics = saved
         if return_dict:

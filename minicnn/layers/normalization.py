@@ -13,6 +13,9 @@
 Keras' defaults (momentum 0.99, epsilon 1e-3) differ from PyTorch's BatchNorm2d (momentum 0.1 on
 the other side of the average, eps 1e-5, unbiased variance in the running estimate). As in Keras,
 a frozen layer (trainable=False) normalises with its moving statistics even when training=True.
+``synchronized=True`` (Keras 3's argument): under ``mpiexec``, mean_B and var_B are taken over
+the global batch of every rank (``minicnn.distributed.SyncBatchNorm``); on one process it is
+the plain layer.
 """
 from __future__ import annotations
 
@@ -38,9 +41,6 @@ class BatchNormalization(Layer):
         for arg, value in unsupported.items():
             if value is not None:
                 raise ValueError(f"BatchNormalization: {arg} is not supported (got {value!r})")
-        if synchronized:
-            raise ValueError("BatchNormalization: synchronized=True needs several devices; "
-                             "minicnn runs on one")
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise TypeError(f"BatchNormalization: axis must be an int, got {axis!r}")
         if not 0 <= momentum <= 1:
@@ -49,6 +49,7 @@ class BatchNormalization(Layer):
             raise ValueError(f"BatchNormalization: epsilon must be > 0, got {epsilon}")
         self.axis, self.momentum, self.epsilon = axis, float(momentum), float(epsilon)
         self.center, self.scale = bool(center), bool(scale)
+        self.synchronized = bool(synchronized)     # statistics over every rank's batch
         self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
         self.moving_mean_initializer = moving_mean_initializer
         self.moving_variance_initializer = moving_variance_initializer
@@ -99,7 +100,7 @@ class BatchNormalization(Layer):
         if input_dtype.name in mixed_precision.LOW_PRECISION:
             x = mixed_precision.cast(x, "float32")
         if training and self.trainable:
-            fn = BatchNorm(self.epsilon)
+            fn = self._training_function()
             y = fn(x, *self._gamma_beta(x))
             mean, var = update_moving_statistics(self.moving_mean.data, self.moving_variance.data,
                                                  fn.batch_mean, fn.batch_var, self.momentum)
@@ -111,6 +112,12 @@ class BatchNormalization(Layer):
                            self._in(self.moving_variance, x), training=False,
                            epsilon=self.epsilon)
         return mixed_precision.cast(y, input_dtype)
+
+    def _training_function(self):
+        if self.synchronized:           # over the global batch when several ranks train
+            from minicnn import distributed
+            return distributed.batch_norm_function(self.epsilon)
+        return BatchNorm(self.epsilon)
 
     def _gamma_beta(self, x):
         return (_constant_or(self._in(self.gamma, x), x, 1),
@@ -124,6 +131,7 @@ class BatchNormalization(Layer):
     def get_config(self):
         return {**super().get_config(), "axis": self.axis, "momentum": self.momentum,
                 "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
+                "synchronized": self.synchronized,
                 "beta_initializer": initializer_config(self.beta_initializer),
                 "gamma_initializer": initializer_config(self.gamma_initializer),
                 "moving_mean_initializer": initializer_config(self.moving_mean_initializer),

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from minicnn import distributed
 from minicnn.callbacks import Callback
 
 
@@ -147,11 +148,22 @@ def train(args) -> int:
     if device == "cpu":
         from kernels.cpu import retain_freed_memory
         retain_freed_memory()          # reuse each step's large arrays instead of page-faulting
-    mc.seed(args.seed)
+    comm = distributed.init()          # under mpiexec: this rank of several; else one process
+    if args.batch_size % comm.size:
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the "
+                         f"{comm.size} ranks")
+    if comm.rank != 0:
+        sys.stdout = open(os.devnull, "w")         # rank 0 alone prints
+    mc.seed(distributed.rank_seed(args.seed, comm.rank))
     (train_set, val_set, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)
     model = build_model(args, num_classes)
     crop = min(args.crop, *train_set[0].shape[1:3])
-    model.compile(optimizer=optimizers.get(args.optimizer, learning_rate=args.lr),
+    optimizer = optimizers.get(args.optimizer, learning_rate=args.lr)
+    if comm.size > 1:                  # gradients averaged over the ranks before each step
+        optimizer = distributed.DistributedOptimizer(optimizer, comm)
+        for layer in training.batchnorm_layers(model):     # statistics over the global batch
+            layer.synchronized = args.sync_bn
+    model.compile(optimizer=optimizer,
                   loss=make_loss(args.loss, parse_class_weight(args.class_weight, num_classes)), metrics=["pixel_accuracy"])
     model.build((None, crop, crop, train_set[0].shape[-1]))
     model.to(device)
@@ -168,10 +180,12 @@ def train(args) -> int:
     print(f"minicnn train: UNet(num_classes={num_classes}, base_filters={args.base_filters}, "
           f"depth={args.depth}, padding={args.padding!r}), {model.count_params():,} weights, "
           f"{args.dataset} crops {crop}x{crop}, batch {args.batch_size}, device {device}, "
-          f"precision {args.precision}")
+          f"precision {args.precision}"
+          + (f", {comm.size} ranks ({comm.backend})" if comm.size > 1 else ""))
 
-    def epoch_batches(epoch):          # each epoch its own seeded stream: --resume repeats it
-        return crop_batches(*train_set, crop, args.batch_size, seed=args.seed * 1000 + epoch,
+    def epoch_batches(epoch):          # each epoch (and rank) its own seeded stream: --resume
+        seed = distributed.rank_seed(args.seed * 1000 + epoch, comm.rank)     # repeats it
+        return crop_batches(*train_set, crop, args.batch_size // comm.size, seed=seed,
                             augment=args.augment, model=model)
 
     validation = RegionValidation(train_set, val_set, num_classes, crop, args, best, history)
@@ -179,11 +193,14 @@ def train(args) -> int:
     started = time.perf_counter()
     model.fit(epoch_batches, epochs=args.epochs, initial_epoch=start,
               steps_per_epoch=args.steps_per_epoch, callbacks=callbacks)
+    if comm.rank != 0:                 # the rest is rank 0's: one model, one report
+        return 0
     print(f"trained in {time.perf_counter() - started:.0f} s; best validation Dice "
           f"{validation.best:.4f}")
     write_history(args.out, validation.history)
     best_model = io.load_model(best_path).to(device)
-    recalibrate(best_model, train_set, crop, args)
+    with distributed.unsynchronized():
+        recalibrate(best_model, train_set, crop, args)
     io.save_model(best_model, best_path)
     report(best_model, test_set, num_classes, args)
     return 0
@@ -199,7 +216,10 @@ class RegionValidation(Callback):
 
     def on_epoch_end(self, epoch, logs):
         from minicnn import io
-        recalibrate(self.model, self.train_set, self.crop, self.args)
+        with distributed.unsynchronized():         # the same crops on every rank
+            recalibrate(self.model, self.train_set, self.crop, self.args)
+        if distributed.world().rank != 0:          # rank 0 alone scores and writes
+            return
         _, iou, dice = region_scores(self.model, *self.val_set, self.num_classes)
         logs["val_dice"], logs["val_iou"] = summarise(iou, dice)
         for key, value in logs.items():
@@ -408,6 +428,8 @@ def make_parser() -> Parser:
     run.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
     run.add_argument("--tensorboard", metavar="DIR", default=None,
                      help="write TensorBoard logs (scalars, validation predictions) to DIR")
+    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                     help="under mpiexec: batch-norm statistics over the global batch")
     ev = commands.add_parser("evaluate", help="test-region scores of saved weights")
     ev.add_argument("--weights", required=True)
     ev.add_argument("--dataset", default="nuclei", choices=["nuclei", "m2nist", "shapes"])
@@ -435,10 +457,10 @@ def main(argv=None) -> int:
                     raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         handler = {"train": train, "evaluate": evaluate, "predict": predict, "info": info,
                    "gradcheck": gradcheck_command}[args.command]
-        return handler(args)
+        return distributed.exit_status(handler(args))
     except UsageError as error:
         print(str(error), file=sys.stderr)
-        return 2
+        return distributed.exit_status(2)
     except RuntimeError as error:
         if "device 'gpu'" in str(error):
             print(f"minicnn: {str(error).splitlines()[0]}", file=sys.stderr)
@@ -446,7 +468,7 @@ def main(argv=None) -> int:
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return distributed.exit_status(130)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def worker(steps: int, sync_bn: bool) -> dict:
     import minicnn as mc
     from minicnn import distributed as D
     from minicnn.models import UNet
+    from minicnn.training import batchnorm_layers
     comm = D.init("mpi") if D.launched_size() > 1 else D.init()
     mc.seed(0)
     data = np.random.default_rng(0)
@@ -48,12 +49,13 @@ def worker(steps: int, sync_bn: bool) -> dict:
     lo, hi = D.shard_bounds(len(x), comm.rank, comm.size)
     x, y = x[lo:hi], y[lo:hi]
     model = UNet(num_classes=CASE["classes"], base_filters=CASE["base"], depth=CASE["depth"])
-    D.synchronize_batchnorm(model, sync_bn)
+    for layer in batchnorm_layers(model):
+        layer.synchronized = sync_bn
     model.build((None,) + x.shape[1:])
     D.broadcast_weights(model, comm)
     loss_fn = mc.losses.SparseCategoricalCrossentropy(from_logits=True)
     inner = mc.optimizers.Adam(1e-3)
-    weights = model.trainable_weights
+    weights, bn_layers = model.trainable_weights, batchnorm_layers(model)
 
     def step():
         comm.barrier()
@@ -68,7 +70,7 @@ def worker(steps: int, sync_bn: bool) -> dict:
         t2 = time.perf_counter()
         gradient_comm = comm.seconds - grads0
         inner.step(weights)
-        D.average_moving_statistics(model, comm)
+        D.average_moving_statistics(bn_layers, comm)
         t3 = time.perf_counter()
         return {"step": t3 - t0, "compute": (t1 - t0) + (t3 - t2),
                 "collectives": comm.seconds - comm0, "gradient_allreduce": gradient_comm,

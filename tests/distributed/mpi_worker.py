@@ -20,7 +20,7 @@ import numpy as np
 
 import minicnn as mc
 from minicnn import distributed, io
-from minicnn.training import Callback, ModelCheckpoint
+from minicnn.callbacks import Callback, ModelCheckpoint
 
 import fakes
 import scenarios as S
@@ -93,7 +93,7 @@ class DieAtEpoch(Callback):
     def __init__(self, comm, out, epoch):
         self.comm, self.out, self.epoch = comm, out, epoch
 
-    def on_epoch_end(self, epoch, logs):
+    def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == 1 and self.comm.rank == 0:     # the checkpoint of epoch 1 is written
             S.save_steps(os.path.join(self.out, "epoch1.npz"), [S.all_weights(self.model)])
         if epoch + 1 == self.epoch and self.comm.rank == 1:

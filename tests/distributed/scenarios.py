@@ -6,7 +6,8 @@ import numpy as np
 
 import minicnn as mc
 from minicnn import layers as kl
-from minicnn.training import Callback, batchnorm_layers
+from minicnn.callbacks import Callback
+from minicnn.training import batchnorm_layers
 
 SEED = 3
 SAMPLES, SIZE, CHANNELS, CLASSES = 16, 6, 2, 3
@@ -66,7 +67,7 @@ class Recorder(Callback):
     def __init__(self, comm=None):
         self.comm, self.steps, self.calls = comm, [], []
 
-    def on_batch_end(self, step):
+    def on_batch_end(self, batch, logs=None):
         self.steps.append(all_weights(self.model))
         if self.comm is not None:
             self.calls.append(self.comm.calls)

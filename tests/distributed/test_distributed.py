@@ -22,7 +22,8 @@ from minicnn import distributed as D  # noqa: E402
 from minicnn import io, layers as kl  # noqa: E402
 from minicnn.functions.normalization import BatchNorm  # noqa: E402
 from minicnn.tensor import Tensor  # noqa: E402
-from minicnn.training import CSVLogger, ModelCheckpoint, batchnorm_layers  # noqa: E402
+from minicnn.callbacks import CSVLogger, ModelCheckpoint, ReduceLROnPlateau  # noqa: E402
+from minicnn.training import batchnorm_layers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -196,10 +197,11 @@ def test_reduce_lr_on_plateau_reaches_the_wrapped_optimizer():
     model = small_model()
     model.compile(optimizer=D.DistributedOptimizer(mc.optimizers.SGD(0.1)),
                   loss=mc.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callback = mc.training.ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5)
+    callback = ReduceLROnPlateau(monitor="loss", patience=1, factor=0.5)
     callback.set_model(model)
-    callback.tracker.best = 0.0
+    callback.on_train_begin()
     callback.on_epoch_end(0, {"loss": 1.0})
+    callback.on_epoch_end(1, {"loss": 2.0})
     assert model.optimizer.optimizer.learning_rate == pytest.approx(0.05)
 
 
@@ -290,12 +292,6 @@ def test_synchronized_layer_on_one_process_is_the_plain_layer(rng):
     assert kl.BatchNormalization(**config).synchronized is True
 
 
-def test_synchronize_batchnorm_sets_every_layer():
-    unet = mc.models.UNet(num_classes=2, base_filters=2, depth=1)
-    assert D.synchronize_batchnorm(unet) == 6
-    assert all(layer.synchronized for layer in batchnorm_layers(unet))
-
-
 def test_a_saved_functional_model_keeps_the_setting(tmp_path):
     io.save_model(small_model(synchronized=True), tmp_path / "model.npz")
     (layer,) = batchnorm_layers(io.load_model(tmp_path / "model.npz"))
@@ -333,17 +329,16 @@ def test_broadcast_weights_builds_a_lazy_model_first():
 
 
 def test_moving_statistics_of_unsynchronized_layers_are_averaged():
-    models = [small_model(0), small_model(0, synchronized=True)]
-    pairs = [[small_model(0), small_model(0, synchronized=True)] for _ in range(2)]
-    for rank, pair in enumerate(pairs):
-        for model in pair:
-            batchnorm_layers(model)[0].moving_mean.data[...] = rank + 1.0
-    fakes.run_ranks(2, lambda comm: D.average_moving_statistics(pairs[comm.rank][0], comm))
-    fakes.run_ranks(2, lambda comm: D.average_moving_statistics(pairs[comm.rank][1], comm))
+    plain = [small_model(0) for _ in range(2)]                  # one model per rank
+    synced = [small_model(0, synchronized=True) for _ in range(2)]
     for rank in range(2):
-        assert np.all(batchnorm_layers(pairs[rank][0])[0].moving_mean.numpy() == 1.5)
-        assert np.all(batchnorm_layers(pairs[rank][1])[0].moving_mean.numpy() == rank + 1.0)
-    assert models                                        # built the same way
+        for model in (plain[rank], synced[rank]):
+            batchnorm_layers(model)[0].moving_mean.data[...] = rank + 1.0
+    fakes.run_ranks(2, lambda comm: D.average_moving_statistics(
+        batchnorm_layers(plain[comm.rank]) + batchnorm_layers(synced[comm.rank]), comm))
+    for rank in range(2):
+        assert np.all(batchnorm_layers(plain[rank])[0].moving_mean.numpy() == 1.5)
+        assert np.all(batchnorm_layers(synced[rank])[0].moving_mean.numpy() == rank + 1.0)
 
 
 @pytest.mark.parametrize("n, batch, size, sizes", [

@@ -148,7 +148,8 @@ def train(args) -> int:
     if device == "cpu":
         from kernels.cpu import retain_freed_memory
         retain_freed_memory()          # reuse each step's large arrays instead of page-faulting
-    comm = distributed.init()          # under mpiexec: this rank of several; else one process
+    engine = "nccl" if device == "gpu" else "mpi"      # under mpiexec: this rank of several
+    comm = distributed.init(engine if distributed.launched_size() > 1 else "auto")
     if args.batch_size % comm.size:
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the "
                          f"{comm.size} ranks")

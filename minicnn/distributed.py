@@ -505,6 +505,21 @@ class DistributedOptimizer(optimizers.Optimizer):
         return f"DistributedOptimizer({self.optimizer!r}, {self.comm!r})"
 
 
+def wrap_inside(optimizer, wrapper):
+    """``wrapper(optimizer)``, but for a DistributedOptimizer ``DistributedOptimizer(wrapper(
+    its optimizer))``: a loss-scale optimizer inside sees the averaged gradients, so an overflow
+    on one rank makes every rank skip that step (outside, the ranks could disagree and hang)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.optimizer = wrapper(optimizer.optimizer)
+        return optimizer
+    return wrapper(optimizer)
+
+
+def unwrapped(optimizer):
+    """The optimizer a DistributedOptimizer wraps, or ``optimizer`` itself."""
+    return optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer
+
+
 def communicator_of(model):
     """The communicator of ``model``'s DistributedOptimizer when it spans several ranks, else None
     (``fit`` and ``evaluate`` ask this)."""

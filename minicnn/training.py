@@ -145,9 +145,10 @@ class Trainer:
         under the 'mixed_float16' policy gets its optimizer wrapped in a LossScaleOptimizer
         (unless ``auto_scale_loss=False``)."""
         self.optimizer = optimizers.get(optimizer)
-        if auto_scale_loss and self.dtype_policy.name == "mixed_float16" and \
-                not isinstance(self.optimizer, mixed_precision.LossScaleOptimizer):
-            self.optimizer = mixed_precision.LossScaleOptimizer(self.optimizer)
+        if auto_scale_loss and self.dtype_policy.name == "mixed_float16" and not isinstance(
+                distributed.unwrapped(self.optimizer), mixed_precision.LossScaleOptimizer):
+            self.optimizer = distributed.wrap_inside(self.optimizer,
+                                                     mixed_precision.LossScaleOptimizer)
         if loss is None:
             raise ValueError("compile: a loss is needed, e.g. "
                              "losses.SparseCategoricalCrossentropy(from_logits=True)")

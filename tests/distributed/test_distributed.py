@@ -466,3 +466,20 @@ def test_without_mpi4py_the_multi_process_tests_skip_saying_why():
                          timeout=300, cwd=HERE.parent.parent)
     assert "SKIPPED" in run.stdout and "mpi4py is not installed" in run.stdout, run.stdout
     assert "passed" not in run.stdout and "failed" not in run.stdout and "error" not in run.stdout
+
+
+def test_mixed_float16_puts_the_loss_scale_inside_the_distributed_optimizer():
+    """compile's automatic LossScaleOptimizer goes inside: it then sees the averaged
+    gradients, so all ranks skip an overflowing step together."""
+    try:
+        mc.mixed_precision.set_global_policy("mixed_float16")
+        model = small_model()
+    finally:
+        mc.mixed_precision.set_global_policy("float32")
+    model.compile(D.DistributedOptimizer(mc.optimizers.Adam(1e-3)),
+                  mc.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert type(model.optimizer) is D.DistributedOptimizer
+    assert type(model.optimizer.optimizer) is mc.mixed_precision.LossScaleOptimizer
+    assert model.optimizer.scale_loss is not None                # what train_step asks for
+    model.compile(model.optimizer, mc.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert type(model.optimizer.optimizer.inner_optimizer) is mc.optimizers.Adam  # not twice

@@ -5,7 +5,7 @@ from minicnn.gradcheck import GradcheckError, gradcheck  # noqa: F401
 from minicnn.rng import seed  # noqa: F401
 from minicnn import (  # noqa: F401
     callbacks, distributed, functions, initializers, io, layers, losses, metrics, mixed_precision,
-    models, optimizers, training)
+    models, optimizers, segmentation, training)
 from minicnn.models import Model, Sequential  # noqa: F401
 
 __version__ = "0.1.0"

@@ -156,6 +156,15 @@ def train(args) -> int:
     if comm.rank != 0:
         sys.stdout = open(os.devnull, "w")         # rank 0 alone prints
     mc.seed(distributed.rank_seed(args.seed, comm.rank))
+    if args.task == "instances":                  # cross-validated nuclei instances: minicnn.crossval
+        from minicnn import crossval
+        problem = crossval.check(args) or (comm.size > 1 and "--task instances runs in one process")
+        if problem:
+            raise UsageError(problem)
+        args.device = device
+        return crossval.run(args)
+    if args.folds != 1:
+        raise UsageError("--folds needs --task instances")
     (train_set, val_set, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)
     model = build_model(args, num_classes)
     crop = min(args.crop, *train_set[0].shape[1:3])
@@ -431,6 +440,22 @@ def make_parser() -> Parser:
                      help="write TensorBoard logs (scalars, validation predictions) to DIR")
     run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                      help="under mpiexec: batch-norm statistics over the global batch")
+    run.add_argument("--task", default="semantic", choices=["semantic", "instances"],
+                     help="instances: nuclei instances scored per nucleus (minicnn.crossval)")
+    inst = run.add_argument_group("--task instances (see minicnn/crossval.py)")
+    inst.add_argument("--folds", type=int, default=1,
+                      help="cross-validation over this many bands of rows (1: test rows 448-511)")
+    inst.add_argument("--head", default="border", choices=["border", "distance", "border-distance", "mask"])
+    inst.add_argument("--border-weight", type=float, default=10.0,
+                      help="w0 of the U-Net weight map (0: plain cross-entropy)")
+    inst.add_argument("--border-sigma", type=float, default=5.0)
+    inst.add_argument("--postprocess", default=None, choices=["watershed", "grow", "components"],
+                      help="default: grow for --head border, watershed for distance, components for mask")
+    inst.add_argument("--flips", type=int, default=8, choices=[1, 2, 4, 8],
+                      help="test-time flips / transposes averaged")
+    inst.add_argument("--tune", action=argparse.BooleanOptionalAction, default=False,
+                      help="choose the post-processing thresholds on the validation band")
+    inst.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     ev = commands.add_parser("evaluate", help="test-region scores of saved weights")
     ev.add_argument("--weights", required=True)
     ev.add_argument("--dataset", default="nuclei", choices=["nuclei", "m2nist", "shapes"])
@@ -453,7 +478,8 @@ def main(argv=None) -> int:
             parser.print_help()
             return 2
         if args.command == "train":
-            for name in ("epochs", "steps_per_epoch", "batch_size", "crop", "base_filters", "depth"):
+            for name in ("epochs", "steps_per_epoch", "batch_size", "crop", "base_filters", "depth",
+                         "folds"):
                 if getattr(args, name) < 1:
                     raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         handler = {"train": train, "evaluate": evaluate, "predict": predict, "info": info,

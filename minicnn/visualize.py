@@ -371,6 +371,112 @@ def overlay(image, mask, path, num_classes: int | None = None, alpha: float = 0.
     return _save_figure(figure, path)
 
 
+def _dark_edge():
+    from matplotlib import patheffects
+    return [patheffects.withStroke(linewidth=3.5, foreground="black")]
+
+
+def _instance_colours(ids) -> dict:
+    """A colour per object id: golden-angle hues, bright enough on a grey image."""
+    return {int(k): colorsys.hsv_to_rgb((i * 0.618033988749895 + 0.1) % 1.0, 0.7, 1.0)
+            for i, k in enumerate(ids)}
+
+
+def _outline(axes, labels: np.ndarray, k: int, colour, **style) -> None:
+    """Draw the outline of object ``k`` of ``labels`` (its 0.5 level line, in its bounding box)."""
+    rows, cols = np.nonzero(labels == k)
+    r0, r1 = max(rows.min() - 1, 0), min(rows.max() + 2, labels.shape[0])
+    c0, c1 = max(cols.min() - 1, 0), min(cols.max() + 2, labels.shape[1])
+    inside = (labels[r0:r1, c0:c1] == k).astype(np.float64)
+    axes.contour(np.arange(c0, c1), np.arange(r0, r1), inside, levels=[0.5], colors=[colour],
+                 **style)
+
+
+def save_instance_overlay(image, true_labels, pred_labels, path, pairs=(), missed=(), false=(),
+                          bands=(), band_labels=(), title=None, alpha: float = 0.45) -> str:
+    """Two panels over the (dimmed) image (H, W[, C]): the true instances (H, W) and the predicted
+    ones (H, W), each object filled in its own colour at opacity ``alpha`` with its outline.
+
+    pairs: (true id, predicted id) matches; a matched prediction takes its true object's colour.
+    missed: true ids no prediction matched, outlined dashed in yellow on the prediction panel;
+    false: predicted ids that match nothing, filled and outlined in red with a white cross.
+    bands: (start, stop) row ranges evaluated (e.g. cross-validation test bands): the picture keeps
+    their rows and draws their edges as dashed white lines; band_labels: a text for each band
+    (e.g. "fold 0"), written at its top left. title: a line above the panels (e.g. the scores).
+    Written atomically; returns the path.
+    """
+    image, truth, found = _host(image), _host(true_labels), _host(pred_labels)
+    if truth.ndim != 2 or found.shape != truth.shape or image.shape[:2] != truth.shape:
+        raise ValueError(f"save_instance_overlay: image (H, W[, C]), true_labels and pred_labels "
+                         f"(H, W) must share H and W, got image {image.shape}, true_labels "
+                         f"{truth.shape}, pred_labels {found.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"save_instance_overlay: alpha must lie in [0, 1], got {alpha}")
+    bands = [tuple(int(v) for v in band) for band in bands] or [(0, truth.shape[0])]
+    top, bottom = min(b[0] for b in bands), max(b[1] for b in bands)
+    image, truth, found = image[top:bottom], truth[top:bottom], found[top:bottom]
+    grey, _ = _display_image(image, *_value_range(image))
+    grey = grey if grey.ndim == 2 else grey.mean(axis=-1)
+    base = np.repeat(0.75 * grey[..., None], 3, axis=-1)
+    true_colour = _instance_colours(np.unique(truth[truth > 0]))
+    partner = {int(p): int(t) for t, p in np.asarray(pairs, dtype=np.int64).reshape(-1, 2)}
+    false, missed = {int(k) for k in false}, {int(k) for k in missed}
+    red, yellow = (1.0, 0.15, 0.15), (1.0, 0.95, 0.2)
+    extra = _instance_colours(np.unique(found[found > 0]))
+    for k in extra:                        # unscored predictions: the nucleus they mostly cover
+        if k not in partner and k not in false:
+            under = truth[found == k]
+            under = under[under > 0]
+            if len(under) * 2 > (found == k).sum():
+                partner[k] = int(np.bincount(under).argmax())
+    pred_colour = {k: red if k in false else true_colour.get(partner.get(k), extra[k])
+                   for k in extra}
+    wide = truth.shape[1] >= 2 * truth.shape[0]
+    aspect = truth.shape[0] / truth.shape[1]
+    figure = (_new_figure(12.0, 2 * (11.6 * aspect + 0.45) + 0.9) if wide
+              else _new_figure(13.0, 6.3 * aspect + 1.0))
+    panels = ((f"true nuclei ({len(true_colour)})", truth, true_colour),
+              (f"predicted ({len(false)} false detections, {len(missed)} missed nuclei)",
+               found, pred_colour))
+    for p, (name, labels, colours) in enumerate(panels):
+        axes = figure.add_subplot(2 if wide else 1, 1 if wide else 2, p + 1)
+        paint = base.copy()
+        for k, colour in colours.items():
+            where = labels == k
+            paint[where] = (1 - alpha) * paint[where] + alpha * np.asarray(colour)
+        axes.imshow(paint, interpolation="nearest", extent=(-0.5, labels.shape[1] - 0.5,
+                                                            labels.shape[0] - 0.5, -0.5))
+        for k, colour in colours.items():
+            _outline(axes, labels, k, colour, linewidths=1.2 if k in false else 0.8)
+        if p == 1:
+            for k in missed:
+                if (truth == k).any():
+                    _outline(axes, truth, k, yellow, linewidths=1.4, linestyles="dashed")
+            for k in false:
+                rows, cols = np.nonzero(found == k)
+                if len(rows):
+                    axes.plot(cols.mean(), rows.mean(), marker="x", color="white", markersize=6,
+                              mew=2.0, path_effects=_dark_edge())
+        for b, (start, stop) in enumerate(bands):
+            for edge in (start, stop):
+                if top < edge < bottom:
+                    axes.axhline(edge - top - 0.5, color="white", linewidth=0.8, linestyle=(0, (4, 4)))
+            if b < len(band_labels):
+                axes.text(4, start - top + 3, band_labels[b], color="white", fontsize=7, va="top",
+                          bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
+        axes.set_xlim(-0.5, labels.shape[1] - 0.5)
+        axes.set_ylim(labels.shape[0] - 0.5, -0.5)
+        _hide_axes(axes)
+        axes.set_title(name, fontsize=10)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.text(0.5, 0.01, "each nucleus its own colour; a matched prediction (IoU > 0.5) takes the "
+                "colour of its nucleus; red with a cross: false detection; dashed yellow: missed nucleus",
+                ha="center", va="bottom", fontsize=8)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save_figure(figure, path)
+
+
 # -- feature maps and filters -----------------------------------------------------------------------
 def _all_layers(root) -> list:
     """``root`` and every layer nested in it, depth first, each once."""

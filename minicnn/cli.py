@@ -445,7 +445,9 @@ def make_parser() -> Parser:
     inst = run.add_argument_group("--task instances (see minicnn/crossval.py)")
     inst.add_argument("--folds", type=int, default=1,
                       help="cross-validation over this many bands of rows (1: test rows 448-511)")
-    inst.add_argument("--head", default="border", choices=["border", "distance", "border-distance", "mask"])
+    inst.add_argument("--head", default="border-distance",
+                      choices=["border-distance", "border", "distance", "mask"],
+                      help="3 classes + distance regression, 3 classes, 2 + distance, 2 classes")
     inst.add_argument("--border-weight", type=float, default=10.0,
                       help="w0 of the U-Net weight map (0: plain cross-entropy)")
     inst.add_argument("--border-sigma", type=float, default=5.0)

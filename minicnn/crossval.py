@@ -5,21 +5,25 @@
 
 Per fold (``minicnn.data.band_folds``): train a U-Net on random crops of the fold's training rows
 only; after each epoch re-estimate the batch-norm statistics and score instances on the validation
-band (a log); choose the post-processing thresholds on the validation band; then
+band (a log; with --tune it also chooses the post-processing thresholds); then
 segment the test band, never seen in training, and count TP / FP / FN at IoU 0.5, 0.55, ..., 0.95
 over the nuclei scored in that band (``minicnn.data.objects_in_band``: a nucleus cut by a band edge
 is scored in the band holding most of its pixels, on that band's crop of the label map). The counts
 of the folds are pooled: the cross-validated F1@0.5 and mean AP count every nucleus once.
 
-The recipe, one flag per idea:
-    --head border      3 classes (background / interior / border), markers = p(interior)
-           distance    2 classes + a regression of the normalised distance transform (markers)
-           mask        2 classes
-    --border-weight W  the U-Net weight map, w0 = W (sigma --border-sigma); 0: plain cross-entropy
-    --postprocess watershed (marker-based) | grow (3-class argmax, interiors grown over the border)
-                  | components (connected components of the foreground)
-    --flips 1|2|4|8    test-time flips and transposes averaged (``segmentation.flip_average``)
-    --tune/--no-tune   thresholds chosen on the validation band, or 0.5 / 0.5 / 16 px
+The recipe, one flag per idea (defaults first; each measured in benchmarks/RESULTS.md):
+    --head border-distance  3 classes (background / interior / border; Ronneberger et al. 2015)
+                            + a regression of the normalised distance transform (4 outputs);
+                            watershed markers = mean of p(interior) and the distance
+           border           the 3 classes only; markers = p(interior)
+           distance         2 classes + the distance regression; markers = the distance
+           mask             2 classes (the baseline)
+    --border-weight 10 w0 of the U-Net weight map (sigma --border-sigma 5); 0: plain cross-entropy
+    --postprocess watershed (marker-based, ``segmentation.watershed_instances``) for the distance
+                  heads, grow (3-class argmax, interiors grown over the border) for --head border,
+                  components (connected components of the foreground) for --head mask
+    --flips 8          test-time flips and transposes averaged (``segmentation.flip_average``)
+    --no-tune/--tune   fixed thresholds (0.5, 0.5, 16 px) or chosen on the validation band
 """
 from __future__ import annotations
 
@@ -131,7 +135,7 @@ def segment(probs: np.ndarray, head: str, postprocess: str, fg_threshold=0.5, ma
     if postprocess == "components":
         return seg.instances_from_two_class((foreground > fg_threshold).astype(np.int64), min_size)
     if postprocess == "grow":
-        return seg.instances(probs, min_size)
+        return seg.instances(probs[..., :3], min_size)
     if head == "border-distance":                  # mean of p(interior) and the distance
         markers = 0.5 * (probs[..., 1] + probs[..., 3])
     else:

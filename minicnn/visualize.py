@@ -473,7 +473,7 @@ def save_instance_overlay(image, true_labels, pred_labels, path, pairs=(), misse
     figure.text(0.5, 0.01, "each nucleus its own colour; a matched prediction (IoU > 0.5) takes the "
                 "colour of its nucleus; red with a cross: false detection; dashed yellow: missed nucleus",
                 ha="center", va="bottom", fontsize=8)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.tight_layout(rect=(0, 0.03, 1, 0.96 if title else 1))
     return _save_figure(figure, path)
 
 

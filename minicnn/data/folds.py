@@ -67,10 +67,11 @@ def band_folds(height: int, folds: int, val_rows: int = 64, test_rows: int | Non
         tests = list(zip(edges[:-1], edges[1:]))
     out = []
     for index, (start, stop) in enumerate(tests):
-        if stop - start < 1 or (stop - start) + val_rows >= height:
-            raise ValueError(f"band_folds: {height} rows cannot hold a test band of {stop - start} "
-                             f"rows, a validation band of {val_rows} and training rows "
-                             f"(folds={folds})")
+        fits = start >= val_rows or stop + val_rows <= height
+        if stop - start < 1 or (stop - start) + val_rows >= height or not fits:
+            raise ValueError(f"band_folds: {height} rows cannot hold a test band of rows "
+                             f"{start}..{stop - 1}, a validation band of {val_rows} rows next to it "
+                             f"and training rows (folds={folds})")
         val = (start - val_rows, start) if start >= val_rows else (stop, stop + val_rows)
         train = _complement(height, [(start, stop), val])
         out.append(BandFold(index, (start, stop), val, train))

@@ -11,7 +11,8 @@ def _as_stack(image, mask, name: str):
     """image (H, W, C) or (N, H, W, C) and mask (H, W[, K]) or (N, H, W[, K]) -> stacked host arrays."""
     image, mask = to_numpy(image), to_numpy(mask)
     stack_image, stack_mask = (image[None], mask[None]) if image.ndim == 3 else (image, mask)
-    if stack_image.ndim != 4 or stack_mask.ndim not in (3, 4) or stack_image.shape[:3] != stack_mask.shape[:3]:
+    if (stack_image.ndim != 4 or stack_mask.ndim not in (3, 4)
+            or stack_image.shape[:3] != stack_mask.shape[:3]):
         raise ValueError(f"{name}: expected image (H, W, C) with mask (H, W) or (H, W, K), or image "
                          f"(N, H, W, C) with mask (N, H, W) or (N, H, W, K), got image {image.shape} "
                          f"and mask {mask.shape}")

@@ -368,7 +368,8 @@ def test_distance_target_by_hand():
     labels[0:3, 9:12] = 2                                              # a 3 x 3 square in a corner
     target = seg.distance_target(labels)
     # square: the centre is 3 px from the background, the ring next to the rim 2, the rim 1
-    assert target[4, 4] == 1.0 and target[3, 3] == pytest.approx(2 / 3) and target[2, 2] == pytest.approx(1 / 3)
+    assert target[4, 4] == 1.0
+    assert target[3, 3] == pytest.approx(2 / 3) and target[2, 2] == pytest.approx(1 / 3)
     # corner square: the image edge is no boundary, so the corner pixel is the farthest (3 px)
     assert target[0, 11] == 1.0 and target[2, 9] == pytest.approx(1 / 3)
     assert (target[labels == 0] == 0).all()

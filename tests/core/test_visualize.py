@@ -296,3 +296,23 @@ def test_batch_norm_alone_keeps_the_plain_gradient_from_vanishing(layers):
     residual = [norm for _, norm in results["residual"]]
     assert plain[0] > 0.5 * max(plain)
     assert 0.2 < residual[0] / plain[0] < 5
+
+
+def test_instance_overlay_colours_matches_and_marks_errors(tmp_path):
+    mpimg = pytest.importorskip("matplotlib.image")
+    truth = np.zeros((40, 100), dtype=np.int64)
+    truth[5:15, 5:15], truth[20:30, 40:50], truth[5:12, 70:80] = 1, 2, 3
+    found = np.zeros_like(truth)
+    found[5:15, 5:14] = 7                       # matches nucleus 1
+    found[22:26, 80:90] = 9                     # a false detection; nuclei 2 and 3 are missed
+    path = viz.save_instance_overlay(np.zeros((40, 100, 1)), truth, found, tmp_path / "o.png",
+                                     pairs=[(1, 7)], missed=[2, 3], false=[9], bands=[(0, 20), (20, 40)],
+                                     band_labels=["a", "b"], title="t")
+    picture = mpimg.imread(path)
+    assert picture.shape[1] > picture.shape[0] and picture.shape[0] > 200
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())     # written atomically
+    red = (picture[..., 0] > 0.6) & (picture[..., 1] < 0.3) & (picture[..., 2] < 0.3)
+    yellow = (picture[..., 0] > 0.8) & (picture[..., 1] > 0.8) & (picture[..., 2] < 0.4)
+    assert red.sum() > 20 and yellow.sum() > 20             # the false detection and the misses
+    with pytest.raises(ValueError, match=r"save_instance_overlay.*\(40, 100\).*\(40, 99\)"):
+        viz.save_instance_overlay(np.zeros((40, 100)), truth, found[:, :99], tmp_path / "x.png")

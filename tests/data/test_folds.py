@@ -15,8 +15,12 @@ def test_folds_are_disjoint_and_the_test_bands_cover_the_image_once(height, fold
     try:
         splits = band_folds(height, folds, val_rows)
     except ValueError:
-        test_rows = val_rows if folds == 1 else -(-height // folds)
-        assert test_rows + val_rows >= height                        # only when nothing is left to train
+        # only when some test band leaves no training rows, or no room for the validation band
+        edges = ([height - val_rows, height] if folds == 1
+                 else [k * height // folds for k in range(folds + 1)])
+        bands = list(zip(edges[:-1], edges[1:]))
+        assert any(b - a + val_rows >= height or (a < val_rows and b + val_rows > height)
+                   for a, b in bands)
         return
     assert len(splits) == folds
     if folds > 1:

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from minicnn import segmentation as seg
-from minicnn.training import Callback
+from minicnn.callbacks import Callback
 
 HEAD_CLASSES = {"mask": 2, "border": 3, "distance": 2, "border-distance": 3}
 HAS_DISTANCE = ("distance", "border-distance")     # heads with a distance-regression channel

@@ -7,9 +7,11 @@ forces an older, ~1.5x slower one): ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SI
     python benchmarks/bench_conv.py                   # table
     python benchmarks/bench_conv.py --json out.json   # and a JSON file
     python benchmarks/bench_conv.py --algorithm im2col --cases 32x32   # force one algorithm
+    python benchmarks/bench_conv.py --kernels plain   # the readable kernels (mc.config.kernels)
 
-Forward+backward computes dx, dw and db (PyTorch: the input requires grad), the backward reusing
-the forward's workspace as minicnn's Function does. Each time is the best of ``--rounds`` medians
+Forward+backward computes dx, dw and db (PyTorch: the input requires grad) with the kernel calls
+minicnn's Functions make: for a convolution conv2d_forward, then conv2d_transpose (dx),
+conv2d_backward_filter (dw) and bias_gradient (db). Each time is the best of ``--rounds`` medians
 of ``--repeat`` runs (after two warm-up runs): the machine this was written on is shared, and a
 burst of load from elsewhere should spoil a round, not the table. PyTorch runs afterwards in a
 child process of the same interpreter (run this with a Python that has torch), in its default
@@ -31,9 +33,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import conv2d as K  # noqa: E402
-from kernels import cpu  # noqa: E402
-from kernels import depthwise as D  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels import shapes  # noqa: E402
+from kernels.config import settings  # noqa: E402
+from kernels.fast import conv2d as fast_conv  # noqa: E402
+from kernels.fast import runtime, scratch  # noqa: E402
 
 BATCH = 8
 # name, kind, H(=W), C_in, C_out (or depth multiplier), kernel, stride, dilation
@@ -90,51 +94,63 @@ def blas_description():
     return text + (f" [{env}]" if env else " [OPENBLAS_CORETYPE unset]")
 
 
+def conv_kernels():
+    """(forward, input gradient, filter gradient) as minicnn calls them, or the tuned twins with
+    ``--algorithm`` forced."""
+    if ALGORITHM is None:
+        return dispatch.conv2d_forward, dispatch.conv2d_transpose, dispatch.conv2d_backward_filter
+    force = dict(algorithm=ALGORITHM)
+    return (lambda *a, **k: fast_conv.conv2d_forward(*a, **k, **force),
+            lambda *a, **k: fast_conv.conv2d_transpose(*a, **k, **force),
+            lambda *a, **k: fast_conv.conv2d_backward_filter(*a, **k, **force))
+
+
 def make_case(kind, size, c_in, c_out, k, stride, dilation, rng):
     """Arrays and the two closures (forward, forward+backward) for one case; plus its FLOPs."""
     x = rng.standard_normal((BATCH, size, size, c_in), dtype=np.float32)
-    settings = dict(strides=(stride, stride), dilation=(dilation, dilation))
+    conv = dict(strides=(stride, stride), dilation=(dilation, dilation), padding="same")
+    forward_kernel, input_gradient, filter_gradient = conv_kernels()
     if kind == "conv":
         w = rng.standard_normal((k, k, c_in, c_out), dtype=np.float32) * 0.1
         b = np.zeros(c_out, np.float32)
-        y = K.conv2d_forward(x, w, b, padding="same", algorithm=ALGORITHM, **settings)
-        g = rng.standard_normal(y.shape, dtype=np.float32)
+        g = rng.standard_normal(forward_kernel(x, w, b, **conv).shape, dtype=np.float32)
 
         def forward():
-            return K.conv2d_forward(x, w, b, padding="same", algorithm=ALGORITHM, **settings)
+            return forward_kernel(x, w, b, **conv)
 
         def forward_backward():
-            _, ws = K.conv2d_forward(x, w, b, padding="same", algorithm=ALGORITHM,
-                                     return_workspace=True, **settings)
-            return K.conv2d_backward(g, x, w, padding="same", workspace=ws, algorithm=ALGORITHM,
-                                     **settings)
-        flops = 2 * y.size * k * k * c_in
+            forward_kernel(x, w, b, **conv)
+            return (input_gradient(g, w, output_size=(size, size), **conv),
+                    filter_gradient(x, g, kernel_size=(k, k), **conv), dispatch.bias_gradient(g))
+        flops = 2 * g.size * k * k * c_in
     elif kind == "depthwise":
         w = rng.standard_normal((k, k, c_in, c_out), dtype=np.float32) * 0.1
-        y = D.depthwise_conv2d_forward(x, w, None, padding="same", **settings)
-        g = rng.standard_normal(y.shape, dtype=np.float32)
+        g = rng.standard_normal(dispatch.depthwise_conv2d_forward(x, w, **conv).shape,
+                                dtype=np.float32)
 
         def forward():
-            return D.depthwise_conv2d_forward(x, w, None, padding="same", **settings)
+            return dispatch.depthwise_conv2d_forward(x, w, **conv)
 
         def forward_backward():
-            D.depthwise_conv2d_forward(x, w, None, padding="same", **settings)
-            return D.depthwise_conv2d_backward(g, x, w, padding="same", **settings)
-        flops = 2 * y.size * k * k
-    else:  # transposed: kernel (k, k, out, in)
+            dispatch.depthwise_conv2d_forward(x, w, **conv)
+            return (dispatch.depthwise_conv2d_backward_input(g, w, input_size=(size, size), **conv),
+                    dispatch.depthwise_conv2d_backward_filter(x, g, kernel_size=(k, k), **conv))
+        flops = 2 * g.size * k * k
+    else:  # transposed, Keras' rule: kernel (k, k, out, in), output size from kernels.shapes
         w = rng.standard_normal((k, k, c_out, c_in), dtype=np.float32) * 0.1
         b = np.zeros(c_out, np.float32)
-        y = K.conv2d_transpose_forward(x, w, b, padding="same", algorithm=ALGORITHM, **settings)
-        g = rng.standard_normal(y.shape, dtype=np.float32)
+        output_size, pads = shapes.conv_transpose2d_geometry((size, size), (k, k), stride, 1,
+                                                             "same")
+        twin = dict(strides=(stride, stride), padding=pads)
+        g = rng.standard_normal((BATCH, *output_size, c_out), dtype=np.float32)
 
         def forward():
-            return K.conv2d_transpose_forward(x, w, b, padding="same", algorithm=ALGORITHM,
-                                              **settings)
+            return input_gradient(x, w, b, output_size=output_size, **twin)
 
         def forward_backward():
-            K.conv2d_transpose_forward(x, w, b, padding="same", algorithm=ALGORITHM, **settings)
-            return K.conv2d_transpose_backward(g, x, w, padding="same", algorithm=ALGORITHM,
-                                               **settings)
+            input_gradient(x, w, b, output_size=output_size, **twin)
+            return (forward_kernel(g, w, **twin), filter_gradient(g, x, kernel_size=(k, k), **twin),
+                    dispatch.bias_gradient(g))
         flops = 2 * x.size * k * k * c_out
     return forward, forward_backward, flops
 
@@ -192,14 +208,15 @@ def time_ours(cases, args, matmul_rate):
         if kind != "depthwise":
             in_hw = (size * stride, size * stride) if kind == "transpose" else (size, size)
             channels = c_out if kind == "transpose" else c_in
-            geometry = K.conv_geometry("bench", in_hw, (k, k), (stride, stride),
-                                       (dilation, dilation), "same")
-            algo = ALGORITHM or K.choose_algorithm(geometry, channels)
+            geometry = shapes.conv_geometry("bench", in_hw, (k, k), strides=stride,
+                                            dilation=dilation, padding="same")
+            algo = "plain" if settings.kernels == "plain" else \
+                ALGORITHM or fast_conv.choose_algorithm(geometry, channels)
         gflops = 3 * flops / best["forward_backward_ms"] / 1e6
         rows.append({"case": name, "algorithm": algo,
                      **{key: round(value, 3) for key, value in best.items()},
                      "gflops": round(gflops, 1), "share_of_matmul": round(gflops / matmul_rate, 3)})
-        K.clear_scratch()
+        scratch.release()
     return rows
 
 
@@ -230,17 +247,24 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="medians per case; best counts")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--cases", default="", help="run only cases whose name contains this")
-    parser.add_argument("--algorithm", choices=K.ALGORITHMS, help="force a conv algorithm")
+    parser.add_argument("--algorithm", choices=fast_conv.ALGORITHMS,
+                        help="force an algorithm of the tuned convolution")
+    parser.add_argument("--kernels", choices=("fast", "plain"), default="fast",
+                        help="mc.config.kernels: the tuned twins (default) or the plain kernels")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="PyTorch threads (minicnn: MINICNN_NUM_THREADS, default all cores)")
     parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="kernels.cpu.retain_freed_memory() here and in PyTorch's process")
+                        help="kernels.fast.runtime.retain_freed_memory() here and in PyTorch's "
+                             "process")
     args = parser.parse_args(argv)
     ALGORITHM = args.algorithm
+    if args.algorithm and args.kernels == "plain":
+        parser.error("--algorithm picks an algorithm of the tuned kernels, not of the plain ones")
+    settings.kernels = args.kernels
     if args.retain_freed_memory:
-        cpu.retain_freed_memory()
+        runtime.retain_freed_memory()
     cases = [case for case in CASES if args.cases in case[0]]
     if args.torch_only:
         print(json.dumps(time_torch(cases, args)))
@@ -269,7 +293,8 @@ def main(argv=None):
         "torch": None if torch_times is None else
         f"{torch_times['version']} ({args.threads} threads)",
         "batch": BATCH, "repeat": args.repeat, "rounds": args.rounds,
-        "algorithm": ALGORITHM or "auto", "conv_threads": K.conv_threads(np),
+        "kernels": settings.kernels, "algorithm": ALGORITHM or "auto",
+        "conv_threads": runtime.piece_threads(),
         "retain_freed_memory": args.retain_freed_memory,
     }
     print(" ".join(f"{k}={v}" for k, v in header.items()))

@@ -317,7 +317,8 @@ def torch_worker(case, channels_last, warmup, steps, precision):
 def kernel_cases():
     """(name, CUDA wrapper call, array-code twin call) on U-Net-sized float32 CuPy arrays."""
     import numpy as np
-    from kernels import backend, conv2d, cuda, losses, normalization, pooling
+    from kernels import backend, conv2d, cuda, losses, normalization, pooling, upsampling
+    from kernels.shapes import conv_geometry
     cp = backend.cupy_module()
     rs = np.random.default_rng(0)
 
@@ -325,7 +326,7 @@ def kernel_cases():
         return cp.asarray(rs.standard_normal(shape, dtype=np.float32))
 
     x3, x32, x32h = gpu((16, 256, 256, 3)), gpu((16, 256, 256, 32)), gpu((16, 128, 128, 32))
-    g3 = conv2d.conv_geometry("bench", (256, 256), (3, 3), padding="same")
+    g3 = conv_geometry("bench", (256, 256), (3, 3), padding="same")
     cols = conv2d.im2col(x3, g3)
     y_pool, argmax = cuda.max_pool2d_forward_gpu(x32)
     dy_pool = gpu(y_pool.shape)
@@ -336,7 +337,7 @@ def kernel_cases():
     dy_up = gpu((16, 256, 256, 32))
 
     def twin_cross_entropy():
-        _, saved = losses.sparse_categorical_crossentropy_forward(labels, logits, True)
+        _, saved = losses.sparse_categorical_crossentropy_forward(labels, logits, from_logits=True)
         return losses.sparse_categorical_crossentropy_backward(ones, saved)
 
     adam_name, adam_step = adam_case(cp)
@@ -347,25 +348,26 @@ def kernel_cases():
          lambda: conv2d.col2im(cols, x3.shape, g3)),
         ("max pool 2x2 fwd 16x256x256x32", lambda: cuda.max_pool2d_forward_gpu(x32),
          lambda: pooling.max_pool2d_forward(x32)),
-        ("max pool 2x2 bwd", lambda: cuda.max_pool2d_backward_gpu(dy_pool, argmax, x32.shape),
-         lambda: pooling.max_pool2d_backward(dy_pool, argmax, x32.shape)),
+        ("max pool 2x2 bwd", lambda: cuda.max_pool2d_backward_gpu(dy_pool, argmax,
+                                                                  input_size=x32.shape[1:3]),
+         lambda: pooling.max_pool2d_backward(dy_pool, argmax, input_size=x32.shape[1:3])),
         ("batch norm fwd 16x256x256x32", lambda: cuda.batch_norm_forward_training_gpu(x32),
          lambda: normalization.batch_norm_forward_training(x32)),
         ("batch norm bwd", lambda: cuda.batch_norm_backward_gpu(x32, x_centered, inv_std),
          lambda: normalization.batch_norm_backward(x32, x_centered, inv_std)),
         ("softmax CE fwd+bwd 16x256x256x3", lambda: cuda.softmax_cross_entropy_gpu(logits, labels),
          twin_cross_entropy),
-        ("bilinear x2 fwd 16x128x128x32", lambda: cuda.upsample_bilinear_gpu(x32h, 2),
-         lambda: pooling.upsample2d_forward(x32h, 2, "bilinear")),
-        ("bilinear x2 bwd", lambda: cuda.upsample_bilinear_backward_gpu(dy_up, 2),
-         lambda: pooling.upsample2d_backward(dy_up, 2, "bilinear")),
+        ("bilinear x2 fwd 16x128x128x32", lambda: cuda.upsample_bilinear_gpu(x32h, size=2),
+         lambda: upsampling.upsample2d_forward(x32h, size=2, interpolation="bilinear")),
+        ("bilinear x2 bwd", lambda: cuda.upsample_bilinear_backward_gpu(dy_up, size=2),
+         lambda: upsampling.upsample2d_backward(dy_up, size=2, interpolation="bilinear")),
         (adam_name, adam_step, adam_step),
     ]
 
 
 def adam_case(cp):
     """(name, one Adam update of a base-32 depth-4 U-Net's weights): with the CUDA kernels on
-    it is the fused launch, in ``array_code_only`` the per-weight array code."""
+    it is the fused launch, with ``mc.config.cuda_kernels`` off the per-weight array code."""
     from minicnn import optimizers
     from minicnn.models import UNet
     model = UNet(num_classes=3, base_filters=32, depth=4)
@@ -385,6 +387,7 @@ def adam_case(cp):
 def kernel_bench(repeat):
     """Median ms of each CUDA wrapper and of its twin (the NumPy kernel on CuPy arrays)."""
     from kernels import backend
+    from kernels.config import settings
     cp = backend.cupy_module()
     sync = cp.cuda.get_current_stream().synchronize
     rows = {}
@@ -392,8 +395,8 @@ def kernel_bench(repeat):
         row = {}
         for label, fn in (("cuda_ms", mine), ("twin_ms", twin)):
             try:
-                if label == "twin_ms":            # the NumPy code on CuPy arrays, no CUDA kernels
-                    with backend.array_code_only():
+                if label == "twin_ms":            # the plain array code on CuPy, no CUDA kernels
+                    with settings.override(cuda_kernels=False):
                         times = timed_steps(fn, sync, 2, repeat)
                 else:
                     times = timed_steps(fn, sync, 2, repeat)

@@ -9,11 +9,12 @@ convolutions with bias, BatchNorm (eps 1e-3, Keras momentum 0.99 = PyTorch momen
     python benchmarks/bench_unet.py --torch-python /path/to/venv/bin/python --json out.json
     python benchmarks/bench_unet.py --profile             # minicnn's time per phase and per op
     python benchmarks/bench_unet.py --retain-freed-memory # glibc keeps freed memory, both engines
+    python benchmarks/bench_unet.py --set kernels=plain   # any mc.config setting, minicnn's run
 
 Prints the machine (cores, NumPy's BLAS and the OpenBLAS kernel it runs, the OPENBLAS_*
 variables), median step times, the ratio minicnn / PyTorch, peak RSS of each process, and (with
---profile) where minicnn's time goes: per phase, per operation, and the convolution kernels
-(the input and the filter gradient separately).
+--profile) where minicnn's time goes: per phase, per operation, and per kernel (every kernel of
+``kernels.dispatch``: the convolution's input and filter gradients separately).
 
 The OpenBLAS kernel matters: OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU runs NumPy's products
 ~1.5x slower than the kernel OpenBLAS picks itself. To measure without it, unset it (and
@@ -21,7 +22,7 @@ OPENBLAS_L2_SIZE) for the benchmark command only:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_unet.py ...
 
-``--retain-freed-memory`` calls ``kernels.cpu.retain_freed_memory()`` in the minicnn process
+``--retain-freed-memory`` calls ``kernels.fast.runtime.retain_freed_memory()`` in the minicnn process
 and the same ``mallopt`` settings in the PyTorch one (both engines page-fault on fresh
 activations by default; the comparison stays like for like).
 """
@@ -47,7 +48,7 @@ def peak_rss_mb() -> float:
 
 # -- minicnn ------------------------------------------------------------------------------------
 def retain_freed_memory_glibc() -> bool:
-    """The settings of ``kernels.cpu.retain_freed_memory`` for a process without minicnn."""
+    """The settings of ``kernels.fast.runtime.retain_freed_memory`` for a process without minicnn."""
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -56,80 +57,26 @@ def retain_freed_memory_glibc() -> bool:
     return bool(mallopt(-3, 32 << 20)) and bool(mallopt(-1, 1 << 30))   # MMAP, TRIM thresholds
 
 
-def _per_item_pool(fn, items):
-    """kernels.cpu.parallel_map as it was: one pool task per item, the caller idle."""
-    from concurrent.futures import ThreadPoolExecutor
-    from kernels import cpu
-    threads = cpu.num_threads()
-    if len(items) == 1 or threads == 1:
-        return [fn(item) for item in items]
-    if not hasattr(_per_item_pool, "pool"):
-        _per_item_pool.pool = ThreadPoolExecutor(threads)
-    return list(_per_item_pool.pool.map(fn, items))
+def parse_setting(text):
+    """``NAME=VALUE`` (VALUE a Python literal, or a bare word such as plain) -> (NAME, VALUE)."""
+    import ast
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return name.strip(), value.strip()
 
 
-def _untiled_bias(y, b, crop=None):
-    if crop is not None:
-        y[...] = crop
-    y += b
-    return y
-
-
-def _relu_before(module):
-    """relu as it was: zeros_like + maximum, and dy * (y > 0), whole arrays on one thread."""
-    def forward(x):
-        y = module.get_array_module(x).zeros_like(x)
-        return module.get_array_module(x).maximum(x, y, out=y)
-    return forward, lambda dy, y: dy * (y > 0)
-
-
-def _ablate(name):
-    """Switch one of this work's levers off in the current code (for the lever table of
-    benchmarks/RESULTS.md); each is one assignment into a kernel module."""
-    from kernels import activations, conv2d, normalization, pooling
-    from minicnn.functions import activations as function_activations
-    from minicnn.functions import math as function_math
-    if name == "openblas-threads":       # conv kernels in one piece, OpenBLAS threads products
-        conv2d.conv_threads = lambda xp: 1
-    elif name == "small-convs-threaded-blas":    # one-piece convs let OpenBLAS use its threads
-        original = conv2d.run_pieces
-        conv2d.run_pieces = lambda fn, pieces, xp=None: [fn(p) for p in pieces] \
-            if len(pieces) == 1 else original(fn, pieces)
-    elif name == "no-shared-dy":
-        original_dx = conv2d._input_gradient_as_forward
-        conv2d._input_gradient_as_forward = lambda *a, share=False, **k: original_dx(*a, **k)
-    elif name == "untiled-bias":
-        conv2d.add_bias = _untiled_bias
-    elif name == "no-chunks":            # each piece's taps copied whole, not in L2-sized chunks
-        conv2d._chunk_rows = lambda values, itemsize: 1 << 40
-    elif name == "all-small-convs-in-pieces":
-        conv2d._PARALLEL_MIN_MACS = 1 << 22
-    elif name == "per-item-pool":
-        for module in (normalization, conv2d, activations, pooling, function_math.K_threads):
-            if hasattr(module, "parallel_map"):
-                module.parallel_map = _per_item_pool
-        normalization._map_blocks = _per_item_pool
-    elif name == "old-relu":
-        activations.relu_forward, activations.relu_backward = _relu_before(activations)
-        function_activations.K.relu_forward = activations.relu_forward
-        function_activations.K.relu_backward = activations.relu_backward
-    elif name == "serial-pool-concat":
-        pooling.PARALLEL_MIN_BYTES = function_math.PARALLEL_MIN_BYTES = 1 << 60
-    elif name != "none":
-        raise ValueError(f"unknown --ablate {name!r}")
-
-
-ABLATIONS = ("none", "openblas-threads", "small-convs-threaded-blas", "no-shared-dy",
-             "untiled-bias", "no-chunks", "all-small-convs-in-pieces", "per-item-pool",
-             "old-relu", "serial-pool-concat")
-
-
-def minicnn_worker(case: dict, profile: bool, retain: bool, ablate: str = "none") -> dict:
+def minicnn_worker(case: dict, profile: bool, retain: bool, overrides=()) -> dict:
     import numpy as np
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from kernels import conv2d as conv_kernels, cpu
-    retained = cpu.retain_freed_memory() if retain else False
-    _ablate(ablate)
+    from kernels.config import settings
+    from kernels.fast import runtime
+    retained = runtime.retain_freed_memory() if retain else False
+    for name, value in overrides:                  # mc.config for this run (--set NAME=VALUE)
+        setattr(settings, name, value)
     import minicnn as mc
     from minicnn import losses, optimizers
     from minicnn.models import UNet
@@ -163,13 +110,13 @@ def minicnn_worker(case: dict, profile: bool, retain: bool, ablate: str = "none"
     for values in phases.values():
         values.clear()
     op_times = install_op_timers() if profile else None
-    kernel_times = install_kernel_timers(conv_kernels) if profile else None
+    kernel_times = install_kernel_timers() if profile else None
     times = [step() for _ in range(case["steps"])]
     result = {"median_ms": 1000 * float(np.median(times)), "min_ms": 1000 * float(min(times)),
               "peak_rss_mb": peak_rss_mb(), "retained_freed_memory": retained,
               "trainable": int(sum(w.size for w in model.trainable_weights)),
-              "threads": cpu.num_threads(),
-              "conv_threads": conv_kernels.conv_threads(np),
+              "threads": settings.threads, "kernels": settings.kernels,
+              "conv_threads": runtime.piece_threads(),
               "phases_ms": {k: 1000 * float(np.median(v)) for k, v in phases.items()}}
     for name, totals in (("ops_ms_per_step", op_times), ("kernels_ms_per_step", kernel_times)):
         if totals is not None:
@@ -178,34 +125,24 @@ def minicnn_worker(case: dict, profile: bool, retain: bool, ablate: str = "none"
     return result
 
 
-KERNELS = {   # kernels.conv2d function -> what it computes (wall time, all its pieces; the
-    # transposed convolutions' forward is the stride-2 dx, their backward a forward and a dw)
-    "_input_gradient_as_forward": "conv dx, stride 1 (a forward)",
-    "_input_gradient_im2col": "conv dx, stride > 1 (col2im)",
-    "_filter_gradient_shifted": "conv dw + db, shifted",
-    "_filter_gradient_im2col": "conv dw + db, im2col",
-    "sum_over_pixels": "bias sums (also counted inside dw + db)",
-}
-
-
-def install_kernel_timers(module) -> dict:
-    """Time the convolution kernels' entry points (profile mode only): the backward split into
-    its input and filter gradients."""
+def install_kernel_timers() -> dict:
+    """Time every kernel called through ``kernels.dispatch`` (profile mode only): wall time of
+    all its calls, whichever implementation ran (the convolution's input gradient is
+    ``conv2d_transpose``, its filter gradient ``conv2d_backward_filter``)."""
+    from kernels import dispatch
     totals: dict = {}
 
-    def timed(name, label):
-        original = getattr(module, name)
-
+    def timed(name, original):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
-        setattr(module, name, wrapper)
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+        setattr(dispatch, name, wrapper)
 
-    for name, label in KERNELS.items():
-        timed(name, label)
+    for name, original in dispatch.KERNELS.items():
+        timed(name, original)
     return totals
 
 
@@ -355,8 +292,10 @@ def main(argv=None) -> int:
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="glibc mallopt in both engines' processes (see the docstring)")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--ablate", choices=ABLATIONS, default="none",
-                        help="switch one lever of minicnn's CPU speed-up off (lever table)")
+    parser.add_argument("--set", dest="overrides", type=parse_setting, action="append",
+                        default=[], metavar="NAME=VALUE",
+                        help="an mc.config setting for minicnn's run, e.g. kernels=plain or "
+                             "conv_parallel_min_macs=4194304 (repeatable)")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--worker", choices=["minicnn", "torch", "torch-cl"],
                         help=argparse.SUPPRESS)
@@ -368,7 +307,7 @@ def main(argv=None) -> int:
     if args.worker:
         case = CASES[args.case]
         if args.worker == "minicnn":
-            result = minicnn_worker(case, args.profile, args.retain_freed_memory, args.ablate)
+            result = minicnn_worker(case, args.profile, args.retain_freed_memory, args.overrides)
         else:
             retained = retain_freed_memory_glibc() if args.retain_freed_memory else False
             import torch
@@ -385,7 +324,8 @@ def main(argv=None) -> int:
                    "OPENBLAS_NUM_THREADS": str(args.threads)}
     rows = {}
     header = {"cpu_cores": os.cpu_count(), "threads": args.threads, "numpy_blas": blas_name(),
-              "retain_freed_memory": args.retain_freed_memory, "ablate": args.ablate,
+              "retain_freed_memory": args.retain_freed_memory,
+              "settings": dict(args.overrides),
               "python": sys.version.split()[0]}
     print(f"CPU cores: {header['cpu_cores']}, threads: {args.threads}, "
           f"freed memory retained (glibc mallopt): {'yes' if args.retain_freed_memory else 'no'}")
@@ -393,7 +333,8 @@ def main(argv=None) -> int:
     for name in args.cases.split(","):
         mine = run_worker(sys.executable, "minicnn", name,
                           shared + (["--profile"] if args.profile else [])
-                          + ["--ablate", args.ablate], minicnn_env)
+                          + [f"--set={name}={value!r}" for name, value in args.overrides],
+                          minicnn_env)
         if args.no_torch:
             theirs = theirs_cl = {"error": "--no-torch"}
         else:
@@ -424,7 +365,7 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k} {v:.1f}" for k, v in mine["phases_ms"].items())
                   + f"; conv threads: {mine['conv_threads']}")
         for key, title in (("ops_ms_per_step", "time per op"),
-                           ("kernels_ms_per_step", "convolution kernels")):
+                           ("kernels_ms_per_step", "time per kernel")):
             if key in mine:
                 print(f"{name}: minicnn {title} (ms per step):")
                 for label, value in list(mine[key].items())[:16]:

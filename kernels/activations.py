@@ -12,7 +12,9 @@ where the derivative is a function of it, else the input ``x``):
     dropout     y = x * mask, mask = [u >= rate] / (1 - rate), u ~ U[0, 1)
 
 The derivative of relu and leaky_relu at exactly 0 is taken as 0 and alpha (TensorFlow's choice).
-``*_reference`` twins are scalar loops that read like the formulas above.
+Arrays come first, settings (``alpha``, ``axis``, ...) are keyword-only. ``*_reference`` twins are
+scalar loops that read like the formulas above. ReLU's tuned CPU twin (blocks on the threads) is
+in ``kernels/fast/activations.py``.
 """
 from __future__ import annotations
 
@@ -22,46 +24,19 @@ import numpy as np
 
 from kernels import backend
 from kernels.backend import get_array_module
-from kernels.cpu import parallel_map
 
 # -- relu -----------------------------------------------------------------------------------------
 
 
 def relu_forward(x):
-    """y = max(x, 0): one pass, against a zero of x's dtype (NumPy 2 runs that as fast as two
-    arrays), in blocks on the kernels' threads for large NumPy arrays."""
-    xp = get_array_module(x)
-    x = xp.ascontiguousarray(x)
-    y, zero = xp.empty_like(x), x.dtype.type(0)
-    _elementwise(lambda s: xp.maximum(x.reshape(-1)[s], zero, out=y.reshape(-1)[s]), x)
-    return y
+    """y = max(x, 0)."""
+    return get_array_module(x).maximum(x, x.dtype.type(0))
 
 
 def relu_backward(dy, y):
-    """dx = dy * [y > 0]  (from the output: y > 0 exactly where x > 0); one pass per block."""
-    _check_same_shape("relu_backward", dy, y)
-    xp = get_array_module(dy, y)
-    dy, y = xp.ascontiguousarray(dy), xp.ascontiguousarray(y)
-    dx = xp.empty_like(dy)
-    _elementwise(lambda s: xp.multiply(dy.reshape(-1)[s], y.reshape(-1)[s] > 0,
-                                       out=dx.reshape(-1)[s]), dy)
-    return dx
-
-
-# Elementwise passes over NumPy arrays of more than this many bytes are cut into blocks of
-# about this size, spread over ``kernels.cpu.num_threads()`` threads.
-ELEMENTWISE_BLOCK_BYTES = 1 << 20
-
-
-def _elementwise(fn, a):
-    """fn(s) for slices s of a's flat index: one slice for CuPy or small arrays, else blocks of
-    ``ELEMENTWISE_BLOCK_BYTES`` on the thread pool (``fn`` must write disjoint blocks)."""
-    size = a.size
-    if get_array_module(a) is not np or size * a.itemsize <= 2 * ELEMENTWISE_BLOCK_BYTES:
-        fn(slice(None))
-        return
-    step = max(1, ELEMENTWISE_BLOCK_BYTES // a.itemsize)
-    parallel_map(fn, [slice(i, i + step) for i in range(0, size, step)])
+    """dx = dy * [y > 0]  (from the output: y > 0 exactly where x > 0)."""
+    check_same_shape("relu_backward", dy, y)
+    return dy * (y > 0)
 
 
 def relu_reference(x):
@@ -81,20 +56,20 @@ def relu_backward_reference(dy, y):
 # -- leaky relu -----------------------------------------------------------------------------------
 
 
-def leaky_relu_forward(x, alpha=0.3):
+def leaky_relu_forward(x, *, alpha=0.3):
     """y = x for x >= 0, alpha * x otherwise (Keras 3 LeakyReLU: negative_slope=0.3);
     computed as max(x, alpha * x) (min for alpha > 1)."""
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     xp = get_array_module(x)
     y = x * alpha
     return (xp.maximum if alpha <= 1 else xp.minimum)(x, y, out=y)
 
 
-def leaky_relu_backward(dy, x, alpha=0.3):
+def leaky_relu_backward(dy, x, *, alpha=0.3):
     """dx = dy for x > 0, alpha * dy otherwise (from the input),
     as dy * ([x > 0] (1 - alpha) + alpha)."""
-    alpha = _check_alpha(alpha)
-    _check_same_shape("leaky_relu_backward", dy, x)
+    alpha = check_alpha(alpha)
+    check_same_shape("leaky_relu_backward", dy, x)
     one_minus, alpha = dy.dtype.type(1 - alpha), dy.dtype.type(alpha)
     factor = (x > 0) * one_minus
     factor += alpha
@@ -102,21 +77,21 @@ def leaky_relu_backward(dy, x, alpha=0.3):
     return factor
 
 
-def leaky_relu_reference(x, alpha=0.3):
+def leaky_relu_reference(x, *, alpha=0.3):
     y = np.empty_like(x)
     for i, v in np.ndenumerate(x):
         y[i] = v if v >= 0 else alpha * v
     return y
 
 
-def leaky_relu_backward_reference(dy, x, alpha=0.3):
+def leaky_relu_backward_reference(dy, x, *, alpha=0.3):
     dx = np.empty_like(dy)
     for i, g in np.ndenumerate(dy):
         dx[i] = g if x[i] > 0 else alpha * g
     return dx
 
 
-def _check_alpha(alpha):
+def check_alpha(alpha):
     if alpha is None or not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"leaky_relu: negative_slope (alpha) must be a number >= 0, got {alpha!r}")
     return float(alpha)
@@ -138,7 +113,7 @@ def sigmoid_forward(x):
 
 def sigmoid_backward(dy, y):
     """dx = dy * y * (1 - y)  (from the output)."""
-    _check_same_shape("sigmoid_backward", dy, y)
+    check_same_shape("sigmoid_backward", dy, y)
     return dy * y * (1 - y)
 
 
@@ -163,7 +138,7 @@ def tanh_forward(x):
 
 def tanh_backward(dy, y):
     """dx = dy * (1 - y^2)  (from the output)."""
-    _check_same_shape("tanh_backward", dy, y)
+    check_same_shape("tanh_backward", dy, y)
     return dy * (1 - y * y)
 
 
@@ -184,7 +159,7 @@ def tanh_backward_reference(dy, y):
 # -- softmax and log-softmax ----------------------------------------------------------------------
 
 
-def softmax_forward(x, axis=-1):
+def softmax_forward(x, *, axis=-1):
     """y = exp(x - max x) / sum(exp(x - max x)) along ``axis`` (the shift keeps exp <= 1)."""
     axis = _check_axis("softmax", x, axis)
     xp = get_array_module(x)
@@ -193,14 +168,14 @@ def softmax_forward(x, axis=-1):
     return e
 
 
-def softmax_backward(dy, y, axis=-1):
+def softmax_backward(dy, y, *, axis=-1):
     """dx = y * (dy - sum(dy * y))  along ``axis`` (from the output)."""
-    _check_same_shape("softmax_backward", dy, y)
+    check_same_shape("softmax_backward", dy, y)
     axis = _check_axis("softmax_backward", y, axis)
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
 
-def log_softmax_forward(x, axis=-1):
+def log_softmax_forward(x, *, axis=-1):
     """z = (x - max x) - log(sum(exp(x - max x)))  along ``axis``."""
     axis = _check_axis("log_softmax", x, axis)
     xp = get_array_module(x)
@@ -209,15 +184,15 @@ def log_softmax_forward(x, axis=-1):
     return shifted
 
 
-def log_softmax_backward(dy, z, axis=-1):
+def log_softmax_backward(dy, z, *, axis=-1):
     """dx = dy - softmax(x) * sum(dy), with softmax(x) = exp(z)  (from the output)."""
-    _check_same_shape("log_softmax_backward", dy, z)
+    check_same_shape("log_softmax_backward", dy, z)
     axis = _check_axis("log_softmax_backward", z, axis)
     xp = get_array_module(dy, z)
     return dy - xp.exp(z) * dy.sum(axis=axis, keepdims=True)
 
 
-def softmax_reference(x, axis=-1):
+def softmax_reference(x, *, axis=-1):
     """Loops over every 1-D slice along ``axis``: y_i = exp(x_i - m) / sum_j exp(x_j - m)."""
     moved = np.moveaxis(x, axis, -1)
     y = np.empty_like(moved)
@@ -231,7 +206,7 @@ def softmax_reference(x, axis=-1):
     return np.moveaxis(y, -1, axis)
 
 
-def softmax_backward_reference(dy, y, axis=-1):
+def softmax_backward_reference(dy, y, *, axis=-1):
     """dx_i = sum_j dy_j * dy_j/dx_i = sum_j dy_j * y_j * ([i == j] - y_i): the full Jacobian."""
     g, s = np.moveaxis(dy, axis, -1), np.moveaxis(y, axis, -1)
     dx = np.empty_like(g)
@@ -243,7 +218,7 @@ def softmax_backward_reference(dy, y, axis=-1):
     return np.moveaxis(dx, -1, axis)
 
 
-def log_softmax_reference(x, axis=-1):
+def log_softmax_reference(x, *, axis=-1):
     moved = np.moveaxis(x, axis, -1)
     z = np.empty_like(moved)
     for index in np.ndindex(moved.shape[:-1]):
@@ -255,7 +230,7 @@ def log_softmax_reference(x, axis=-1):
     return np.moveaxis(z, -1, axis)
 
 
-def log_softmax_backward_reference(dy, z, axis=-1):
+def log_softmax_backward_reference(dy, z, *, axis=-1):
     """dx_i = sum_j dy_j * ([i == j] - softmax_i)."""
     g, s = np.moveaxis(dy, axis, -1), np.exp(np.moveaxis(z, axis, -1))
     dx = np.empty_like(g)
@@ -269,7 +244,7 @@ def log_softmax_backward_reference(dy, z, axis=-1):
 # -- dropout --------------------------------------------------------------------------------------
 
 
-def dropout_mask(shape, rate, generator, dtype="float32", like=None):
+def dropout_mask(shape, *, rate, generator, dtype="float32", like=None):
     """Inverted dropout mask: ``[u >= rate] / (1 - rate)``, u ~ U[0, 1) drawn from ``generator``.
 
     shape: the mask's shape (the input's, or a Keras ``noise_shape`` that broadcasts to it).
@@ -333,7 +308,7 @@ def _check_mask(x, mask):
 # -- checks ---------------------------------------------------------------------------------------
 
 
-def _check_same_shape(name, dy, other):
+def check_same_shape(name, dy, other):
     if dy.shape != other.shape:
         raise ValueError(f"{name}: gradient shape {tuple(dy.shape)} differs from the saved "
                          f"array's shape {tuple(other.shape)}")

@@ -5,9 +5,9 @@ runs unchanged on NumPy (CPU) or CuPy (NVIDIA GPU) arrays. CuPy is imported lazi
 first question about the GPU, so importing ``kernels`` never imports it.
 
 The default device comes from the environment variable ``MINICNN_DEVICE`` ("cpu", "gpu" or
-"auto"; unset means "cpu"). On CuPy arrays, a few kernels hand over to the hand-written CUDA
-kernels of ``kernels/cuda``; ``MINICNN_CUDA_KERNELS=0`` (or ``with array_code_only():``) keeps
-them on their array code instead, which is how the benchmarks compare the two.
+"auto"; unset means "cpu"). Which kernels run CuPy arrays (the hand-written CUDA kernels of
+``kernels/cuda`` or the plain array code) is ``kernels.dispatch``'s decision
+(``mc.config.cuda_kernels``, from ``MINICNN_CUDA_KERNELS``).
 
 Besides the switch, the few operations whose CuPy spelling differs from NumPy's live here:
 ``scatter_add`` (``np.add.at``) and ``device_generator`` (random numbers drawn on the GPU),
@@ -15,12 +15,13 @@ and the TF32 switch of CuPy's float32 matrix products (``set_tf32``; off unless 
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import warnings
 
 import numpy as np
+
+from kernels.config import settings
 
 DEVICES = ("cpu", "gpu")
 _cupy = None          # the cupy module once imported successfully
@@ -140,31 +141,15 @@ def to_numpy(array) -> np.ndarray:
 
 
 # -- CUDA kernels or array code -------------------------------------------------------------------
-_cuda_kernels = os.environ.get("MINICNN_CUDA_KERNELS", "1").strip().lower() not in ("0", "false",
-                                                                                   "no", "off")
-
-
 CUDA_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))   # what the .cu sources build
 
 
 def cuda_kernels_enabled(*arrays) -> bool:
-    """Whether kernels run CuPy arrays through the CUDA kernels of ``kernels/cuda`` (the
-    default; ``MINICNN_CUDA_KERNELS=0`` turns them off) rather than through their array code.
-    With ``arrays``, also whether each is float32 or float64, the dtypes the CUDA kernels are
+    """Whether CuPy arrays run through the CUDA kernels of ``kernels/cuda`` (``mc.config.
+    cuda_kernels``, from ``MINICNN_CUDA_KERNELS``) rather than the plain kernels' array code;
+    with ``arrays``, also whether each is float32 or float64, the dtypes the CUDA kernels are
     built for: float16 and bfloat16 arrays (mixed precision) take the array code."""
-    return _cuda_kernels and all(np.dtype(a.dtype) in CUDA_KERNEL_DTYPES for a in arrays)
-
-
-@contextlib.contextmanager
-def array_code_only():
-    """Within this block, CuPy arrays run through the kernels' array code (NumPy's code on
-    CuPy), not the CUDA kernels: the twin a benchmark or a test compares them with."""
-    global _cuda_kernels
-    previous, _cuda_kernels = _cuda_kernels, False
-    try:
-        yield
-    finally:
-        _cuda_kernels = previous
+    return settings.cuda_kernels and all(np.dtype(a.dtype) in CUDA_KERNEL_DTYPES for a in arrays)
 
 
 # -- operations spelled differently on CuPy -------------------------------------------------------

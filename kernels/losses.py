@@ -2,10 +2,12 @@
 
 Arrays in, arrays out (NumPy or CuPy, found with ``get_array_module``); float32 stays float32.
 Classes lie on the LAST axis (``output: (..., C)``); callers move another class axis there first.
+Arrays come first, settings (``from_logits``, ...) are keyword-only.
 
 Every ``*_forward`` returns ``(values, saved)``: the loss of each position (Keras' per-sample
 values, before any reduction) and what the matching ``*_backward(grad, saved)`` needs to turn
-``grad = dL/dvalues`` into ``dL/doutput`` without re-running the forward.
+``grad = dL/dvalues`` into ``dL/doutput`` without re-running the forward. The reduction of the
+values to one number is ``kernels.reduction``; the Dice losses are ``kernels.dice``.
 
 Numerics follow Keras 3 (``keras/src/backend/*/nn.py``, ``keras/src/losses/losses.py``):
 - logits: log-softmax through log-sum-exp, sigmoid cross-entropy in the softplus form
@@ -15,14 +17,9 @@ Numerics follow Keras 3 (``keras/src/backend/*/nn.py``, ``keras/src/losses/losse
   before the log; binary outputs are clipped the same way. A clipped entry gets no gradient,
   as in autodiff through ``clip``.
 
-``weighted_reduction_forward/backward`` reproduce ``keras/src/losses/loss.py``
-(``reduce_weighted_values``, ``apply_mask``, ``reduce_values``).
 The ``*_reference`` twins are plain loops over positions and classes that read like the
-formulas; they run on NumPy only and are what the tests hold the fast kernels to.
-
-On CuPy arrays, sparse categorical cross-entropy from logits (forward and backward) runs the
-fused CUDA kernel of ``kernels.cuda`` (same arguments, same ``(values, saved)``; see
-``kernels.backend.cuda_kernels_enabled``).
+formulas; they run on NumPy only and are what the tests hold the kernels to. Sparse categorical
+cross-entropy from logits has a fused CUDA twin (``kernels/cuda/softmax_ce.py``).
 """
 from __future__ import annotations
 
@@ -30,11 +27,9 @@ import math
 
 import numpy as np
 
-from kernels import cuda
-from kernels.backend import cuda_kernels_enabled, get_array_module
+from kernels.backend import get_array_module
 
 EPSILON = 1e-7          # keras.backend.epsilon()
-REDUCTIONS = ("sum_over_batch_size", "sum", "none", "mean", "mean_with_sample_weight")
 
 
 # ============================================================================== building blocks
@@ -93,7 +88,7 @@ def one_hot(labels, num_classes, dtype):
     return (labels[..., None] == xp.arange(num_classes)).astype(dtype)
 
 
-def mean_over_axis_backward(grad, shape, axis):
+def mean_over_axis_backward(grad, *, shape, axis):
     """dL/dx for values = mean(x, axis) with x of ``shape``: grad / n, spread back along axis."""
     xp = get_array_module(grad)
     axis = axis % len(shape)
@@ -121,7 +116,7 @@ def mean_squared_error_reference(target, output):
 
 
 # =========================================================================== binary cross-entropy
-def binary_crossentropy_forward(target, output, from_logits, weight=None):
+def binary_crossentropy_forward(target, output, weight=None, *, from_logits):
     """Elementwise  -w [t log p + (1 - t) log(1 - p)]  (same shape as output).
 
     from_logits: p = sigmoid(x) and the loss is w (softplus(x) - t x), finite for any x.
@@ -154,7 +149,7 @@ def binary_crossentropy_backward(grad, saved):
     return grad * d
 
 
-def binary_crossentropy_reference(target, output, from_logits):
+def binary_crossentropy_reference(target, output, *, from_logits):
     loss = np.zeros(output.shape)
     for pos in np.ndindex(*output.shape):
         t, y = float(target[pos]), float(output[pos])
@@ -168,7 +163,7 @@ def binary_crossentropy_reference(target, output, from_logits):
 
 
 # ====================================================================== categorical cross-entropy
-def categorical_crossentropy_forward(target, output, from_logits, class_weight=None):
+def categorical_crossentropy_forward(target, output, class_weight=None, *, from_logits):
     """values = -sum_c w_c t_c log p_c over the last axis.  target, output: (..., C).
 
     from_logits: log p = log_softmax(output).  else: p = clip(output / sum_c output_c).
@@ -196,7 +191,7 @@ def categorical_crossentropy_backward(grad, saved):
     return renormalize_backward(grad_q, q, s)
 
 
-def categorical_crossentropy_reference(target, output, from_logits):
+def categorical_crossentropy_reference(target, output, *, from_logits):
     values = np.zeros(output.shape[:-1])
     n_classes = output.shape[-1]
     for pos in np.ndindex(*output.shape[:-1]):
@@ -213,8 +208,8 @@ def categorical_crossentropy_reference(target, output, from_logits):
 
 
 # =============================================================== sparse categorical cross-entropy
-def sparse_categorical_crossentropy_forward(labels, output, from_logits, class_weight=None,
-                                            valid=None):
+def sparse_categorical_crossentropy_forward(labels, output, class_weight=None, valid=None, *,
+                                            from_logits):
     """values = -w[y] log p[y] at each position.  labels: (...) int in [0, C); output: (..., C).
 
     from_logits: log p = log_softmax(output).  else: p = clip(output / sum_c output_c).
@@ -222,9 +217,6 @@ def sparse_categorical_crossentropy_forward(labels, output, from_logits, class_w
     get value 0 and gradient 0, whatever their label and output.
     """
     xp = get_array_module(output)
-    if xp is not np and from_logits and cuda_kernels_enabled(output):
-        return cuda.sparse_categorical_crossentropy_forward_gpu(labels, output, from_logits,
-                                                                class_weight, valid)
     dtype = output.dtype
     if valid is not None:
         labels = xp.where(valid, labels, 0)
@@ -251,8 +243,6 @@ def sparse_categorical_crossentropy_backward(grad, saved):
     """logits: g w[y] (softmax - one_hot(y));  probabilities: dL/dq_y = -w[y] / p_y (if unclipped),
     then through q = y / sum(y)."""
     from_logits, labels, q, s, clipped, weight = saved
-    if get_array_module(q) is not np and from_logits and cuda_kernels_enabled(q):
-        return cuda.sparse_categorical_crossentropy_backward_gpu(grad, saved)
     g = grad if weight is None else grad * weight
     target = one_hot(labels, q.shape[-1], q.dtype)
     if from_logits:
@@ -262,8 +252,8 @@ def sparse_categorical_crossentropy_backward(grad, saved):
     return renormalize_backward(grad_q, q, s)
 
 
-def sparse_categorical_crossentropy_reference(labels, output, from_logits, class_weight=None,
-                                              valid=None):
+def sparse_categorical_crossentropy_reference(labels, output, class_weight=None, valid=None, *,
+                                              from_logits):
     values = np.zeros(labels.shape)
     n_classes = output.shape[-1]
     for pos in np.ndindex(*labels.shape):
@@ -271,14 +261,15 @@ def sparse_categorical_crossentropy_reference(labels, output, from_logits, class
             continue                                   # ignored: contributes 0
         target = np.zeros((1, n_classes))
         target[0, int(labels[pos])] = 1.0
-        ce = categorical_crossentropy_reference(target, output[pos][None], from_logits)[0]
+        ce = categorical_crossentropy_reference(target, output[pos][None],
+                                                from_logits=from_logits)[0]
         weight = 1.0 if class_weight is None else class_weight[int(labels[pos])]
         values[pos] = weight * ce
     return values
 
 
 # ===================================================================== binary focal cross-entropy
-def binary_focal_crossentropy_forward(target, output, from_logits, gamma, alpha,
+def binary_focal_crossentropy_forward(target, output, *, from_logits, gamma, alpha,
                                       apply_class_balancing):
     """Elementwise  a(t) (1 - p_t)^gamma bce(t, p)   (Lin et al. 2017; Keras 3 semantics).
 
@@ -287,7 +278,7 @@ def binary_focal_crossentropy_forward(target, output, from_logits, gamma, alpha,
     a(t) = alpha t + (1 - alpha)(1 - t) when apply_class_balancing, else 1.
     """
     p = sigmoid(output) if from_logits else output
-    bce, bce_saved = binary_crossentropy_forward(target, output, from_logits)
+    bce, bce_saved = binary_crossentropy_forward(target, output, from_logits=from_logits)
     one_minus_pt = 1 - (target * p + (1 - target) * (1 - p))
     focal = one_minus_pt ** gamma
     balance = alpha * target + (1 - alpha) * (1 - target) if apply_class_balancing else None
@@ -317,10 +308,10 @@ def binary_focal_crossentropy_backward(grad, saved):
     return grad * d
 
 
-def binary_focal_crossentropy_reference(target, output, from_logits, gamma, alpha,
+def binary_focal_crossentropy_reference(target, output, *, from_logits, gamma, alpha,
                                         apply_class_balancing):
     loss = np.zeros(output.shape)
-    bce = binary_crossentropy_reference(target, output, from_logits)
+    bce = binary_crossentropy_reference(target, output, from_logits=from_logits)
     for pos in np.ndindex(*output.shape):
         t, y = float(target[pos]), float(output[pos])
         p = 1 / (1 + math.exp(-y)) if from_logits else y
@@ -331,7 +322,7 @@ def binary_focal_crossentropy_reference(target, output, from_logits, gamma, alph
 
 
 # ================================================================ categorical focal cross-entropy
-def categorical_focal_crossentropy_forward(target, output, from_logits, gamma, alpha):
+def categorical_focal_crossentropy_forward(target, output, *, from_logits, gamma, alpha):
     """values = sum_c alpha_c (1 - p_c)^gamma (-t_c log p_c)   (Keras 3 semantics).
 
     p = clip(q, eps, 1 - eps) with q = softmax(output) (logits) or output / sum_c output_c;
@@ -361,7 +352,7 @@ def categorical_focal_crossentropy_backward(grad, saved):
     return renormalize_backward(grad_q, q, s)
 
 
-def categorical_focal_crossentropy_reference(target, output, from_logits, gamma, alpha):
+def categorical_focal_crossentropy_reference(target, output, *, from_logits, gamma, alpha):
     n_classes = output.shape[-1]
     alphas = np.broadcast_to(np.asarray(alpha, dtype=float), (n_classes,))
     values = np.zeros(output.shape[:-1])
@@ -379,233 +370,3 @@ def categorical_focal_crossentropy_reference(target, output, from_logits, gamma,
             total += alphas[c] * (1 - p) ** gamma * (-t[c] * math.log(p))
         values[pos] = total
     return values
-
-
-# ============================================================================== Dice (Keras 3)
-def dice_forward(target, output, axis=None):
-    """values = 1 - 2 sum(t y) / (sum(t) + sum(y) + eps), sums over ``axis`` (None: all).
-
-    keras.losses.dice: eps = 1e-7 in the denominator only; no clipping or softmax.
-    """
-    inter = (target * output).sum(axis=axis, keepdims=True)
-    denom = target.sum(axis=axis, keepdims=True) + output.sum(axis=axis, keepdims=True) \
-        + output.dtype.type(EPSILON)
-    values = 1 - 2 * inter / denom
-    squeeze = tuple(range(output.ndim)) if axis is None else \
-        tuple(a % output.ndim for a in ((axis,) if isinstance(axis, int) else axis))
-    return values.squeeze(axis=squeeze), (target, inter, denom, squeeze)
-
-
-def dice_backward(grad, saved):
-    """dL/dy = -2 (t U - I) / U^2 with I = sum(t y), U = sum(t) + sum(y) + eps."""
-    xp = get_array_module(grad)
-    target, inter, denom, squeeze = saved
-    g = xp.expand_dims(grad, squeeze)
-    return g * (-2 * (target * denom - inter) / (denom * denom))
-
-
-def dice_reference(target, output, axis=None):
-    axes = tuple(range(output.ndim)) if axis is None else tuple(a % output.ndim for a in
-                                                                  np.atleast_1d(axis))
-    kept = [d for d in range(output.ndim) if d not in axes]
-    values = np.zeros(tuple(output.shape[d] for d in kept))
-    for out_pos in np.ndindex(*values.shape):
-        inter = t_sum = y_sum = 0.0
-        for pos in np.ndindex(*output.shape):
-            if tuple(pos[d] for d in kept) != out_pos:
-                continue
-            inter += target[pos] * output[pos]
-            t_sum += target[pos]
-            y_sum += output[pos]
-        values[out_pos] = 1 - 2 * inter / (t_sum + y_sum + EPSILON)
-    return values
-
-
-# ===================================================================== soft Dice on integer masks
-def soft_dice_forward(labels, output, from_logits, valid=None, smooth=1.0):
-    """Batch soft Dice loss of integer masks against class probabilities (for CEDice).
-
-    labels: (...) int; output: (..., C) logits (softmax) or probabilities (divided by their sum,
-    no clipping). With g = one_hot(labels) and sums over every valid position of the batch:
-        D_c = (2 sum p_c g_c + smooth) / (sum p_c + sum g_c + smooth),  loss = 1 - mean_c D_c.
-    Returns a 0-d array.
-    """
-    xp = get_array_module(output)
-    dtype = output.dtype
-    if valid is not None:
-        labels = xp.where(valid, labels, 0)
-        output = xp.where(valid[..., None], output, dtype.type(1))
-    if from_logits:
-        q, s = softmax(output), None
-    else:
-        q, s = renormalize(output)
-    g = one_hot(labels, q.shape[-1], dtype)
-    v = xp.ones(labels.shape + (1,), dtype) if valid is None else valid[..., None].astype(dtype)
-    lead = tuple(range(q.ndim - 1))
-    inter = (q * g * v).sum(axis=lead)
-    union = (q * v).sum(axis=lead) + (g * v).sum(axis=lead) + dtype.type(smooth)
-    dice = (2 * inter + dtype.type(smooth)) / union
-    return 1 - dice.mean(), (from_logits, q, s, g, v, inter, union, smooth)
-
-
-def soft_dice_backward(grad, saved):
-    """dL/dp_ic = -(1/C) v_i (2 g_ic U_c - (2 I_c + smooth)) / U_c^2,
-    then through softmax (logits) or q = y / sum(y) (probabilities)."""
-    from_logits, q, s, g, v, inter, union, smooth = saved
-    n_classes = q.shape[-1]
-    grad_q = -(grad / n_classes) * v * (2 * g * union - (2 * inter + smooth)) / (union * union)
-    if from_logits:
-        return softmax_backward(grad_q, q)
-    return renormalize_backward(grad_q, q, s)
-
-
-def soft_dice_reference(labels, output, from_logits, valid=None, smooth=1.0):
-    n_classes = output.shape[-1]
-    inter = np.zeros(n_classes)
-    p_sum = np.zeros(n_classes)
-    g_sum = np.zeros(n_classes)
-    for pos in np.ndindex(*labels.shape):
-        if valid is not None and not valid[pos]:
-            continue
-        y = output[pos]
-        if from_logits:
-            e = [math.exp(y[c] - max(y)) for c in range(n_classes)]
-            p = [e[c] / sum(e) for c in range(n_classes)]
-        else:
-            p = [y[c] / sum(y) for c in range(n_classes)]
-        for c in range(n_classes):
-            g = 1.0 if int(labels[pos]) == c else 0.0
-            inter[c] += p[c] * g
-            p_sum[c] += p[c]
-            g_sum[c] += g
-    dice = [(2 * inter[c] + smooth) / (p_sum[c] + g_sum[c] + smooth) for c in range(n_classes)]
-    return 1 - sum(dice) / n_classes
-
-
-# =========================================================== reduction (keras/src/losses/loss.py)
-def _squeeze_or_expand(x1, x2, expand_rank_1=True):
-    """Keras' squeeze_or_expand_to_same_rank: fix a rank difference of one with a trailing 1."""
-    xp = get_array_module(x1, x2)
-    if x1.ndim == x2.ndim + 1 and x1.shape[-1] == 1:
-        if x2.ndim == 1 and expand_rank_1:
-            x2 = xp.expand_dims(x2, -1)
-        else:
-            x1 = x1.reshape(x1.shape[:-1])
-    elif x2.ndim == x1.ndim + 1 and x2.shape[-1] == 1:
-        if x1.ndim == 1 and expand_rank_1:
-            x1 = xp.expand_dims(x1, -1)
-        else:
-            x2 = x2.reshape(x2.shape[:-1])
-    return x1, x2
-
-
-def _align_sample_weight(values, weight, where):
-    """values, weight after Keras' rank fix, with ``weight`` checked to broadcast onto values.
-
-    A 1-D weight of length N on values of rank > 1 with N rows is a per-sample weight and is
-    aligned with the FIRST axis (Keras 3 would align it with the last axis: a silent error for
-    images). A 0-d ``values`` (e.g. Dice with axis=None) broadcasts to the weight's shape, as in Keras.
-    """
-    values, weight = _squeeze_or_expand(values, weight)
-    if weight.ndim == 1 and values.ndim > 1 and weight.shape[0] == values.shape[0] > 1:
-        weight = weight.reshape((weight.shape[0],) + (1,) * (values.ndim - 1))
-    if values.ndim == 0:
-        return values, weight
-    try:
-        shape = np.broadcast_shapes(values.shape, weight.shape)
-    except ValueError:
-        shape = None
-    if shape != values.shape:
-        raise ValueError(f"{where}: sample_weight of shape {tuple(weight.shape)} does not broadcast "
-                         f"to the per-sample losses of shape {tuple(values.shape)} (give a scalar, "
-                         f"one weight per sample, or a weight map of the losses' shape)")
-    return values, weight
-
-
-def weighted_reduction_forward(values, sample_weight=None, mask=None,
-                               reduction="sum_over_batch_size", where="loss"):
-    """Keras 3 ``reduce_weighted_values``: the reduced loss and what the backward needs.
-
-    mask (values' shape, bool; e.g. ignore_class): for "sum_over_batch_size"/"mean" it is scaled
-    by total/valid (so the mean runs over valid entries only), then multiplied into the weights.
-    Then  weighted = values * w  and
-      "none": weighted;  "sum": sum(weighted);  "sum_over_batch_size"/"mean": sum / size(weighted);
-      "mean_with_sample_weight": sum / sum(w) (sum / size without weights); x / 0 -> 0.
-    A 0-d ``weighted`` is returned unreduced, as in Keras.
-    """
-    xp = get_array_module(values)
-    dtype = values.dtype
-    reduction = "none" if reduction is None else reduction
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS} or None, got {reduction!r}")
-    weight = None if sample_weight is None else xp.asarray(sample_weight).astype(dtype, copy=False)
-    if mask is not None:
-        m = mask.astype(dtype)
-        if reduction in ("mean", "sum_over_batch_size"):
-            valid = m.sum()
-            m = m * xp.where(valid > 0, dtype.type(m.size) / xp.maximum(valid, 1), 0).astype(dtype)
-        if weight is None:
-            weight = m
-        else:
-            m, weight = _align_sample_weight(m, weight, where)
-            weight = weight * m
-    original_shape = values.shape
-    if weight is not None:
-        values, weight = _align_sample_weight(values, weight, where)
-        weighted = values * weight
-    else:
-        weighted = values
-    if reduction == "none" or weighted.ndim == 0 or weighted.shape == (0,):
-        scale = None
-        out = weighted
-    else:
-        if reduction == "mean_with_sample_weight" and weight is not None:
-            total = weight.sum()
-            scale = xp.where(total != 0, 1 / xp.where(total != 0, total, 1), 0).astype(dtype)
-        elif reduction == "sum":
-            scale = dtype.type(1)
-        else:
-            scale = dtype.type(1.0 / weighted.size) if weighted.size else dtype.type(0)
-        out = weighted.sum() * scale
-    return out, (original_shape, values.shape, weighted.shape, weight, scale)
-
-
-def weighted_reduction_backward(grad, saved):
-    """dL/dvalues: grad (times the 1/size or 1/sum(w) scale) times w, summed back to values' shape."""
-    xp = get_array_module(grad)
-    original_shape, values_shape, weighted_shape, weight, scale = saved
-    g = grad if scale is None else grad * scale
-    g = xp.broadcast_to(g, weighted_shape)
-    if weight is not None:
-        g = g * weight
-    if g.shape != values_shape:                        # values broadcast against the weights
-        extra = g.ndim - len(values_shape)
-        axes = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(values_shape)
-                                           if n == 1 and g.shape[extra + i] != 1)
-        g = g.sum(axis=axes, keepdims=True).reshape(values_shape)
-    return xp.ascontiguousarray(g).reshape(original_shape)
-
-
-def weighted_reduction_reference(values, sample_weight=None, mask=None,
-                                 reduction="sum_over_batch_size"):
-    """The same reduction for values and weights of one shape, as plain loops."""
-    values = np.asarray(values, dtype=float)
-    w = np.ones(values.shape) if sample_weight is None else \
-        np.broadcast_to(np.asarray(sample_weight, float), values.shape)
-    m = np.ones(values.shape) if mask is None else np.asarray(mask, float)
-    total = 0.0
-    weight_sum = 0.0
-    valid = 0
-    for pos in np.ndindex(*values.shape):
-        total += values[pos] * w[pos] * m[pos]
-        weight_sum += w[pos] * m[pos]
-        valid += int(m[pos] > 0)
-    reduction = "none" if reduction is None else reduction
-    if reduction == "none":
-        return values * w * m
-    if reduction == "sum":
-        return total
-    if reduction == "mean_with_sample_weight" and (sample_weight is not None or mask is not None):
-        return total / weight_sum if weight_sum else 0.0
-    count = valid if mask is not None else values.size
-    return total / count if count else 0.0

@@ -12,21 +12,9 @@ With M = N*H*W values per channel c (Ioffe & Szegedy 2015; Keras 3 BatchNormaliz
                 dx = gamma * inv_std / M * (M dy - dbeta - x_hat * dgamma)
                 (from x - mean and inv_std, kept by the forward, rather than x_hat itself)
 
-How the fast kernels run (NumPy; CuPy takes the whole array at once):
-- x is viewed as a contiguous (A, B*C) matrix (B the second-to-last axis, W for images) and every
-  (C,) vector is tiled to (B*C,): long rows broadcast 2-3x faster than rows of C values.
-- The rows are cut into blocks of about 2 MiB, processed by a small thread pool (NumPy's ufuncs
-  release the GIL). Each step does all its arithmetic on one block while it is in cache, so the
-  memory is read and written about as often as the formula needs: forward = read x, read x and
-  write x - mean, read x - mean and write y; backward = read dy and x - mean, read them again and
-  write dx. Measured on 2 cores: about 2x faster than whole-array NumPy, level with PyTorch.
-- Sums are per block in the array's dtype, then over blocks and over B in float64, always in the
-  same order: deterministic, and float32 error grows with the block's rows, not with N*H*W.
-``*_reference`` twins loop over channels and values.
-
-On CuPy arrays the training forward, the inference forward and the backward run the CUDA
-kernels of ``kernels.cuda`` (same arguments, same results; see
-``kernels.backend.cuda_kernels_enabled``).
+Sums over the M values are taken in float64 and returned in x's dtype. ``*_reference`` twins loop
+over channels and values. The tuned CPU twins (cache-sized blocks on the threads) are in
+``kernels/fast/normalization.py``, the CUDA ones in ``kernels/cuda/batchnorm.py``.
 """
 from __future__ import annotations
 
@@ -34,67 +22,18 @@ import math
 
 import numpy as np
 
-from kernels import cuda
-from kernels.backend import cuda_kernels_enabled, get_array_module
-from kernels.cpu import parallel_map
-
-BLOCK_BYTES = 2 << 20         # about 2 MiB of rows per block: in cache with the block's twins
-
-# -- rows, blocks and threads ---------------------------------------------------------------------
-
-
-def _rows(a):
-    """a (..., B, C) as a contiguous (A, B*C) matrix, and B."""
-    b = a.shape[-2] if a.ndim >= 3 else 1
-    return a.reshape(-1, b * a.shape[-1]), b
-
-
-def _tile(v, b):
-    """A (C,) vector repeated to (B*C,), to match the rows of ``_rows``."""
-    return v if b == 1 else get_array_module(v).tile(v, b)
-
-
-def _blocks(rows):
-    """Row slices of about BLOCK_BYTES each (one slice for CuPy arrays)."""
-    if get_array_module(rows) is not np:
-        return [slice(None)]
-    step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
-    return [slice(i, i + step) for i in range(0, rows.shape[0], step)]
-
-
-_map_blocks = parallel_map
-
-
-def _combine(partials, b, dtype):
-    """Per-block partial sums (B*C,) -> the per-channel total (C,): added in float64."""
-    total = partials[0].astype(np.float64)
-    for partial in partials[1:]:
-        total += partial
-    return total.reshape(b, -1).sum(axis=0).astype(dtype)
-
-
-# -- per-channel reductions -----------------------------------------------------------------------
+from kernels.backend import get_array_module
 
 
 def channel_sum(a):
-    """sum_(all axes but the last) a: (..., C) -> (C,), in a's dtype."""
-    rows, b = _rows(a)
-    return _combine(_map_blocks(lambda s: rows[s].sum(axis=0), _blocks(rows)), b, a.dtype)
-
-
-def channel_dot(a, b_):
-    """sum_(all axes but the last) a * b_: (..., C), (..., C) -> (C,), without a temporary."""
-    xp = get_array_module(a, b_)
-    rows_a, b = _rows(a)
-    rows_b, _ = _rows(b_)
-    partials = _map_blocks(lambda s: xp.einsum("ij,ij->j", rows_a[s], rows_b[s]), _blocks(rows_a))
-    return _combine(partials, b, a.dtype)
+    """sum over every axis but the last: ``(..., C) -> (C,)``, in float64, returned in a's dtype."""
+    return a.reshape(-1, a.shape[-1]).sum(axis=0, dtype=np.float64).astype(a.dtype)
 
 
 # -- forward --------------------------------------------------------------------------------------
 
 
-def batch_norm_forward_training(x, gamma=None, beta=None, epsilon=1e-3):
+def batch_norm_forward_training(x, gamma=None, beta=None, *, epsilon=1e-3):
     """Normalise with the batch's own statistics.
 
     x: (..., C); gamma, beta: (C,) or None (scale 1, offset 0); they are cast to x's dtype.
@@ -103,67 +42,42 @@ def batch_norm_forward_training(x, gamma=None, beta=None, epsilon=1e-3):
     backward (x_hat = x_centered * inv_std is never stored:
     y = x_centered * (gamma inv_std) + beta).
     """
-    gamma, beta = _check("batch_norm", x, gamma, beta, epsilon)
+    gamma, beta = check_batch_norm("batch_norm", x, gamma, beta, epsilon)
     xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled(x):
-        return cuda.batch_norm_forward_training_gpu(x, gamma, beta, epsilon)
-    m = _count(x)
-    rows, b = _rows(x)
-    blocks = _blocks(rows)
+    m = count(x)
     mean = channel_sum(x) / m
-
-    x_centered = xp.empty_like(rows)
-    mean_t = _tile(mean, b)
-
-    def center(s):                      # x - mean, and its sum of squares while in cache
-        xc = x_centered[s]
-        xp.subtract(rows[s], mean_t, out=xc)
-        return xp.einsum("ij,ij->j", xc, xc)
-    var = _combine(_map_blocks(center, blocks), b, x.dtype) / m
+    x_centered = x - mean
+    var = channel_sum(x_centered * x_centered) / m
     inv_std = 1 / xp.sqrt(var + epsilon)
-
-    y = xp.empty_like(rows)
-    scale_t = _tile(inv_std if gamma is None else gamma * inv_std, b)
-    beta_t = None if beta is None else _tile(beta, b)
-
-    def affine(s):                      # y = (x - mean) * gamma inv_std + beta
-        out = y[s]
-        xp.multiply(x_centered[s], scale_t, out=out)
-        if beta_t is not None:
-            out += beta_t
-    _map_blocks(affine, blocks)
-    return y.reshape(x.shape), mean, var, x_centered.reshape(x.shape), inv_std
+    y = x_centered * (inv_std if gamma is None else gamma * inv_std)
+    if beta is not None:
+        y += beta
+    return y, mean, var, x_centered, inv_std
 
 
-def batch_norm_forward_inference(x, moving_mean, moving_var, gamma=None, beta=None, epsilon=1e-3):
+def batch_norm_forward_inference(x, moving_mean, moving_var, gamma=None, beta=None, *,
+                                 epsilon=1e-3):
     """y = x * scale + shift with scale = gamma / sqrt(moving_var + eps), shift = beta - mean*scale
     (Keras' ``ops.batch_normalization``). x: (..., C); the rest (C,)."""
-    gamma, beta = _check("batch_norm (inference)", x, gamma, beta, epsilon)
-    xp = get_array_module(x)
-    if xp is not np and cuda_kernels_enabled(x):
-        return cuda.batch_norm_forward_inference_gpu(x, moving_mean, moving_var, gamma, beta,
-                                                     epsilon)
-    moving_mean = _param("batch_norm (inference)", x, moving_mean, "moving_mean")
-    moving_var = _param("batch_norm (inference)", x, moving_var, "moving_variance")
-    scale = 1 / xp.sqrt(moving_var + epsilon)
+    scale, shift = inference_affine(x, moving_mean, moving_var, gamma, beta, epsilon)
+    return x * scale + shift
+
+
+def inference_affine(x, moving_mean, moving_var, gamma, beta, epsilon):
+    """``(scale, shift)`` of the inference forward, in x's dtype (arguments checked)."""
+    gamma, beta = check_batch_norm("batch_norm (inference)", x, gamma, beta, epsilon)
+    moving_mean = param("batch_norm (inference)", x, moving_mean, "moving_mean")
+    moving_var = param("batch_norm (inference)", x, moving_var, "moving_variance")
+    scale = 1 / get_array_module(x).sqrt(moving_var + epsilon)
     if gamma is not None:
         scale = scale * gamma
     shift = -moving_mean * scale
     if beta is not None:
         shift = shift + beta
-    rows, b = _rows(x)
-    scale_t, shift_t = _tile(scale, b), _tile(shift, b)
-    y = xp.empty_like(rows)
-
-    def affine(s):
-        out = y[s]
-        xp.multiply(rows[s], scale_t, out=out)
-        out += shift_t
-    _map_blocks(affine, _blocks(rows))
-    return y.reshape(x.shape)
+    return scale, shift
 
 
-def update_moving_statistics(moving_mean, moving_var, mean, var, momentum=0.99):
+def update_moving_statistics(moving_mean, moving_var, mean, var, *, momentum=0.99):
     """Keras' update: moving = moving * momentum + batch * (1 - momentum); returns new arrays."""
     if not 0 <= momentum <= 1:
         raise ValueError(f"batch_norm: momentum must be in [0, 1], got {momentum}")
@@ -186,65 +100,39 @@ def batch_norm_backward(dy, x_centered, inv_std, gamma=None):
     Returns ``dx, dgamma, dbeta`` with x_hat = x_centered * inv_std, dbeta = sum dy,
     dgamma = sum dy * x_hat and dx = k * (dy - dbeta/M - x_hat * dgamma/M), k = gamma * inv_std.
     """
-    if dy.shape != x_centered.shape:
-        raise ValueError(f"batch_norm_backward: dy of shape {tuple(dy.shape)} vs x_centered of "
-                         f"shape {tuple(x_centered.shape)}")
-    xp = get_array_module(dy, x_centered)
-    if xp is not np and cuda_kernels_enabled(dy):
-        return cuda.batch_norm_backward_gpu(dy, x_centered, inv_std, gamma)
-    m = _count(dy)
-    dy_rows, b = _rows(dy)
-    centered, _ = _rows(x_centered)
-    blocks = _blocks(dy_rows)
-
-    def sums(s):                        # both reductions in one visit of the block
-        return dy_rows[s].sum(axis=0), xp.einsum("ij,ij->j", dy_rows[s], centered[s])
-    partials = _map_blocks(sums, blocks)
-    dbeta = _combine([p[0] for p in partials], b, dy.dtype)
-    dgamma = _combine([p[1] for p in partials], b, dy.dtype) * inv_std
-
-    k = inv_std if gamma is None else _param("batch_norm_backward", dy, gamma, "gamma") * inv_std
-    k_t = _tile(k, b)
-    slope_t = _tile(-k * inv_std * dgamma / m, b)        # - x_hat * k dgamma / M, per x - mean
-    offset_t = _tile(-k * dbeta / m, b)                  # - k dbeta / M
-    dx = xp.empty_like(dy_rows)
-
-    def chain(s):                       # dx = k dy - x_hat k dgamma / M - k dbeta / M
-        out = dx[s]
-        xp.multiply(centered[s], slope_t, out=out)
-        out += offset_t
-        out += dy_rows[s] * k_t
-    _map_blocks(chain, blocks)
-    return dx.reshape(dy.shape), dgamma, dbeta
+    k = check_batch_norm_backward(dy, x_centered, inv_std, gamma)
+    m = count(dy)
+    x_hat = x_centered * inv_std
+    dbeta = channel_sum(dy)
+    dgamma = channel_sum(dy * x_hat)
+    dx = k * (dy - dbeta / m - x_hat * (dgamma / m))
+    return dx, dgamma, dbeta
 
 
-def batch_norm_backward_inference(dy, moving_var, gamma=None, epsilon=1e-3):
+def batch_norm_backward_inference(dy, moving_var, gamma=None, *, epsilon=1e-3):
     """dx of the inference forward (its statistics are constants):
     dx = dy * gamma / sqrt(var + eps)."""
     xp = get_array_module(dy)
-    moving_var = _param("batch_norm_backward (inference)", dy, moving_var, "moving_variance")
+    moving_var = param("batch_norm_backward (inference)", dy, moving_var, "moving_variance")
     scale = 1 / xp.sqrt(moving_var + epsilon)
     if gamma is not None:
-        scale = scale * _param("batch_norm_backward (inference)", dy, gamma, "gamma")
-    rows, b = _rows(dy)
-    return (rows * _tile(scale, b)).reshape(dy.shape)
+        scale = scale * param("batch_norm_backward (inference)", dy, gamma, "gamma")
+    return dy * scale
 
 
-def batch_norm_param_grads_inference(dy, x, moving_mean, moving_var, epsilon=1e-3):
+def batch_norm_param_grads_inference(dy, x, moving_mean, moving_var, *, epsilon=1e-3):
     """dgamma = sum dy * (x - moving_mean) / sqrt(moving_var + eps), dbeta = sum dy  (inference)."""
     xp = get_array_module(dy, x)
-    moving_mean = _param("batch_norm_backward (inference)", x, moving_mean, "moving_mean")
-    moving_var = _param("batch_norm_backward (inference)", x, moving_var, "moving_variance")
-    rows, b = _rows(x)
-    x_hat = rows - _tile(moving_mean, b)
-    x_hat *= _tile(1 / xp.sqrt(moving_var + epsilon), b)
-    return channel_dot(dy, x_hat.reshape(x.shape)), channel_sum(dy)
+    moving_mean = param("batch_norm_backward (inference)", x, moving_mean, "moving_mean")
+    moving_var = param("batch_norm_backward (inference)", x, moving_var, "moving_variance")
+    x_hat = (x - moving_mean) * (1 / xp.sqrt(moving_var + epsilon))
+    return channel_sum(dy * x_hat), channel_sum(dy)
 
 
 # -- references -----------------------------------------------------------------------------------
 
 
-def batch_norm_training_reference(x, gamma, beta, epsilon=1e-3):
+def batch_norm_training_reference(x, gamma, beta, *, epsilon=1e-3):
     """Per channel, in plain loops: the textbook formulas. Returns y, mean, var."""
     flat = x.reshape(-1, x.shape[-1])
     m, channels = flat.shape
@@ -259,7 +147,7 @@ def batch_norm_training_reference(x, gamma, beta, epsilon=1e-3):
     return y.reshape(x.shape), mean, var
 
 
-def batch_norm_backward_reference(dy, x, gamma, epsilon=1e-3):
+def batch_norm_backward_reference(dy, x, gamma, *, epsilon=1e-3):
     """The chain rule through mean and variance written out term by term (not the closed form):
     dx_i = dx_hat_i / s + dvar * 2 (x_i - mu) / M + dmean / M,  s = sqrt(var + eps),
     dx_hat = dy * gamma, dvar = sum dx_hat (x - mu) * (-1/2) s^-3, dmean = -sum dx_hat / s."""
@@ -283,12 +171,12 @@ def batch_norm_backward_reference(dy, x, gamma, epsilon=1e-3):
 # -- checks ---------------------------------------------------------------------------------------
 
 
-def _count(x):
+def count(x):
     """M: how many values each channel's statistics are taken over."""
     return x.size // x.shape[-1]
 
 
-def _param(name, x, value, what):
+def param(name, x, value, what):
     """A (C,) parameter in x's dtype, or ValueError naming both shapes."""
     if value.shape != (x.shape[-1],):
         raise ValueError(f"{name}: {what} of shape {tuple(value.shape)} does not match the "
@@ -296,7 +184,7 @@ def _param(name, x, value, what):
     return value.astype(x.dtype, copy=False)
 
 
-def _check(name, x, gamma, beta, epsilon):
+def check_batch_norm(name, x, gamma, beta, epsilon):
     if x.ndim < 2:
         raise ValueError(f"{name}: input must have a batch axis and a channel axis, "
                          f"got shape {tuple(x.shape)}")
@@ -305,7 +193,15 @@ def _check(name, x, gamma, beta, epsilon):
     if not epsilon > 0:
         raise ValueError(f"{name}: epsilon must be > 0, got {epsilon}")
     if gamma is not None:
-        gamma = _param(name, x, gamma, "gamma")
+        gamma = param(name, x, gamma, "gamma")
     if beta is not None:
-        beta = _param(name, x, beta, "beta")
+        beta = param(name, x, beta, "beta")
     return gamma, beta
+
+
+def check_batch_norm_backward(dy, x_centered, inv_std, gamma):
+    """Check the backward's arrays; return k = gamma * inv_std (inv_std without gamma)."""
+    if dy.shape != x_centered.shape:
+        raise ValueError(f"batch_norm_backward: dy of shape {tuple(dy.shape)} vs x_centered of "
+                         f"shape {tuple(x_centered.shape)}")
+    return inv_std if gamma is None else param("batch_norm_backward", dy, gamma, "gamma") * inv_std

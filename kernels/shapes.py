@@ -18,6 +18,7 @@ Rules (per spatial axis, ``k_eff = (k - 1) * d + 1`` the dilated kernel extent):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 PADDING_NAMES = ("valid", "same")
 
@@ -125,6 +126,54 @@ def conv2d_geometry(in_hw, kernel_hw, strides=(1, 1), dilation=(1, 1), padding="
     return tuple(out), tuple(pads)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """One sliding window's shapes: a convolution's, a depthwise convolution's or a pooling's."""
+    in_hw: tuple          # (H, W) of the input
+    kernel_hw: tuple      # (kh, kw): kernel or pool size
+    out_hw: tuple         # (Ho, Wo)
+    strides: tuple        # (sh, sw)
+    dilation: tuple       # (dh, dw)
+    pads: tuple           # ((top, bottom), (left, right))
+
+    @property
+    def padded_hw(self):
+        (top, bottom), (left, right) = self.pads
+        return self.in_hw[0] + top + bottom, self.in_hw[1] + left + right
+
+    @property
+    def tiles_exactly(self) -> bool:
+        """The windows cover the input exactly once: kernel == stride, no dilation, no padding,
+        H and W multiples of the kernel (the U-Net's 2x2 pooling and up-convolution)."""
+        (ho, wo), (kh, kw) = self.out_hw, self.kernel_hw
+        return self.kernel_hw == self.strides and self.dilation == (1, 1) \
+            and (ho * kh, wo * kw) == self.in_hw and self.pads == ((0, 0), (0, 0))
+
+
+def conv_geometry(fn: str, in_hw, kernel_hw, *, strides=1, dilation=1, padding="valid"):
+    """The ``Geometry`` of a convolution window; ValueError naming ``fn`` and the shapes when the
+    settings are invalid (a stride or dilation below 1, an empty output, an unknown padding)."""
+    in_hw, kernel_hw = tuple(int(v) for v in in_hw), tuple(int(v) for v in kernel_hw)
+    try:
+        strides = normalize_tuple(strides, 2, "strides", minimum=1)
+        dilation = normalize_tuple(dilation, 2, "dilation_rate", minimum=1)
+        out_hw, pads = conv2d_geometry(in_hw, kernel_hw, strides, dilation, padding)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc} (input {in_hw}, kernel {kernel_hw}, strides {strides}, "
+                         f"dilation {dilation}, padding {padding!r})") from None
+    return Geometry(in_hw, kernel_hw, out_hw, strides, dilation, pads)
+
+
+def pool_geometry(fn: str, in_hw, pool_size, *, strides=None, padding="valid"):
+    """The ``Geometry`` of a pooling window (strides default to the pool size, as Keras)."""
+    try:
+        pool_size = normalize_tuple(pool_size, 2, "pool_size", minimum=1)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
+    return conv_geometry(fn, in_hw, pool_size, strides=pool_size if strides is None else strides,
+                         padding=padding)
+
+
 def pool2d_geometry(in_hw, pool_size, strides=None, padding="valid"):
     """Pooling is a convolution window without dilation; strides default to the pool size (Keras)."""
     pool_size = normalize_tuple(pool_size, 2, "pool_size")
@@ -191,8 +240,3 @@ def conv_transpose2d_geometry(in_hw, kernel_hw, strides=(1, 1), dilation=(1, 1),
         out.append(length)
         pads.append((before, after))
     return tuple(out), tuple(pads)
-
-
-def same_output_length(size: int, stride: int) -> int:
-    """ceil(size / stride): the 'same' output length."""
-    return math.ceil(size / stride)

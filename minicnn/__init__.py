@@ -1,5 +1,6 @@
 """minicnn: a readable deep-learning engine for convolutional networks, on NumPy and CuPy."""
 from kernels.backend import gpu_available, to_device  # noqa: F401
+from kernels.config import settings as config  # noqa: F401  (the kernels' runtime settings)
 from minicnn.tensor import Function, Tensor, no_grad  # noqa: F401
 from minicnn.gradcheck import GradcheckError, gradcheck  # noqa: F401
 from minicnn.rng import seed  # noqa: F401

@@ -147,31 +147,31 @@ def _conv_checks() -> list:
         Check("conv2d valid", lambda rs: (lambda x_, w_, b_: C.conv2d(x_, w_, b_),
                                           [_normal(rs, *x), _normal(rs, *w), _normal(rs, 3)],
                                           ["x", "kernel", "bias"])),
-        Check("conv2d stride=2 padding=same", lambda rs: (
-            lambda x_, w_: C.conv2d(x_, w_, stride=2, padding="same"),
+        Check("conv2d strides=2 padding=same", lambda rs: (
+            lambda x_, w_: C.conv2d(x_, w_, strides=2, padding="same"),
             [_normal(rs, *x), _normal(rs, *w)], ["x", "kernel"])),
         Check("conv2d dilation=2 padding=same", lambda rs: (
             lambda x_, w_: C.conv2d(x_, w_, dilation=2, padding="same"),
             [_normal(rs, 1, 6, 5, 2), _normal(rs, *w)], ["x", "kernel"])),
-        Check("conv2d stride=(2,1) 2x1 kernel", lambda rs: (
-            lambda x_, w_: C.conv2d(x_, w_, stride=(2, 1)),
+        Check("conv2d strides=(2,1) 2x1 kernel", lambda rs: (
+            lambda x_, w_: C.conv2d(x_, w_, strides=(2, 1)),
             [_normal(rs, *x), _normal(rs, 2, 1, 2, 3)], ["x", "kernel"])),
-        Check("conv2d_transpose stride=2", lambda rs: (
-            lambda y_, w_, b_: C.conv2d_transpose(y_, w_, b_, stride=2),
+        Check("conv2d_transpose strides=2", lambda rs: (
+            lambda y_, w_, b_: C.conv2d_transpose(y_, w_, b_, strides=2),
             [_normal(rs, 1, 3, 3, 2), _normal(rs, 2, 2, 3, 2), _normal(rs, 3)],
             ["x", "kernel", "bias"])),
-        Check("conv2d_transpose 3x3 stride=2 same", lambda rs: (
-            lambda y_, w_: C.conv2d_transpose(y_, w_, stride=2, padding="same"),
+        Check("conv2d_transpose 3x3 strides=2 same", lambda rs: (
+            lambda y_, w_: C.conv2d_transpose(y_, w_, strides=2, padding="same"),
             [_normal(rs, 1, 3, 2, 2), _normal(rs, 3, 3, 2, 2)], ["x", "kernel"])),
-        Check("conv2d_transpose 3x3 stride=2 output_padding=1", lambda rs: (
-            lambda y_, w_: C.conv2d_transpose(y_, w_, stride=2, output_padding=1),
+        Check("conv2d_transpose 3x3 strides=2 output_padding=1", lambda rs: (
+            lambda y_, w_: C.conv2d_transpose(y_, w_, strides=2, output_padding=1),
             [_normal(rs, 1, 2, 3, 2), _normal(rs, 3, 3, 1, 2)], ["x", "kernel"])),
         Check("depthwise_conv2d multiplier=2", lambda rs: (
             lambda x_, w_, b_: C.depthwise_conv2d(x_, w_, b_, padding="same"),
             [_normal(rs, 1, 4, 5, 2), _normal(rs, 3, 3, 2, 2), _normal(rs, 4)],
             ["x", "kernel", "bias"])),
-        Check("depthwise_conv2d stride=2", lambda rs: (
-            lambda x_, w_: C.depthwise_conv2d(x_, w_, stride=2),
+        Check("depthwise_conv2d strides=2", lambda rs: (
+            lambda x_, w_: C.depthwise_conv2d(x_, w_, strides=2),
             [_normal(rs, 1, 5, 5, 3), _normal(rs, 2, 2, 3, 1)], ["x", "kernel"])),
         Check("depthwise_conv2d dilation=2 padding=same", lambda rs: (
             lambda x_, w_: C.depthwise_conv2d(x_, w_, dilation=2, padding="same"),
@@ -190,19 +190,19 @@ def _conv_checks() -> list:
 def _pooling_checks() -> list:
     from minicnn.functions import pooling as P
     checks = [
-        Check("max_pool2d 2x2", lambda rs: (lambda x: P.max_pool2d(x, 2),
+        Check("max_pool2d 2x2", lambda rs: (lambda x: P.max_pool2d(x, pool_size=2),
                                             [_distinct(rs, 2, 4, 4, 2)], ["x"])),
-        Check("max_pool2d 3x3 stride=2 same", lambda rs: (
-            lambda x: P.max_pool2d(x, 3, strides=2, padding="same"), [_distinct(rs, 1, 5, 6, 2)], ["x"])),
-        Check("avg_pool2d 2x2", lambda rs: (lambda x: P.avg_pool2d(x, 2),
+        Check("max_pool2d 3x3 strides=2 same", lambda rs: (
+            lambda x: P.max_pool2d(x, pool_size=3, strides=2, padding="same"), [_distinct(rs, 1, 5, 6, 2)], ["x"])),
+        Check("avg_pool2d 2x2", lambda rs: (lambda x: P.avg_pool2d(x, pool_size=2),
                                             [_normal(rs, 2, 4, 4, 2)], ["x"])),
-        Check("avg_pool2d 3x3 stride=2 same", lambda rs: (
-            lambda x: P.avg_pool2d(x, 3, strides=2, padding="same"), [_normal(rs, 1, 5, 6, 2)], ["x"])),
+        Check("avg_pool2d 3x3 strides=2 same", lambda rs: (
+            lambda x: P.avg_pool2d(x, pool_size=3, strides=2, padding="same"), [_normal(rs, 1, 5, 6, 2)], ["x"])),
         Check("global_avg_pool2d", lambda rs: (P.global_avg_pool2d, [_normal(rs, 2, 3, 4, 2)], ["x"])),
         Check("upsample2d nearest 2x3", lambda rs: (
-            lambda x: P.upsample2d(x, (2, 3)), [_normal(rs, 1, 3, 2, 2)], ["x"])),
+            lambda x: P.upsample2d(x, size=(2, 3)), [_normal(rs, 1, 3, 2, 2)], ["x"])),
         Check("upsample2d bilinear 2x2", lambda rs: (
-            lambda x: P.upsample2d(x, 2, interpolation="bilinear"), [_normal(rs, 1, 3, 4, 2)], ["x"])),
+            lambda x: P.upsample2d(x, size=2, interpolation="bilinear"), [_normal(rs, 1, 3, 4, 2)], ["x"])),
     ]
     if hasattr(P, "global_max_pool2d"):
         checks.append(Check("global_max_pool2d", lambda rs: (
@@ -235,7 +235,7 @@ def _activation_checks() -> list:
         Check("relu (max_value=1, threshold=0.2, slope=0.1)", lambda rs: (
             lambda x: A.relu(x, negative_slope=0.1, max_value=1.0, threshold=0.2),
             [_away_from(rs, (3, 4), kinks=(0.2, 1.0))], ["x"])),
-        Check("leaky_relu", lambda rs: (lambda x: A.leaky_relu(x, 0.2),
+        Check("leaky_relu", lambda rs: (lambda x: A.leaky_relu(x, negative_slope=0.2),
                                         [_away_from(rs, (2, 3, 3))], ["x"])),
         Check("sigmoid", lambda rs: (A.sigmoid, [_normal(rs, 2, 3, 3)], ["x"])),
         Check("tanh", lambda rs: (A.tanh, [_normal(rs, 2, 3, 3)], ["x"])),
@@ -243,7 +243,7 @@ def _activation_checks() -> list:
         Check("softmax axis=1", lambda rs: (lambda x: A.softmax(x, axis=1),
                                             [_normal(rs, 2, 3, 4)], ["x"])),
         Check("log_softmax", lambda rs: (A.log_softmax, [_normal(rs, 2, 3, 4)], ["x"])),
-        Check("dropout (fixed mask)", lambda rs: (lambda x: A.dropout(x, 0.4, seed=7),
+        Check("dropout (fixed mask)", lambda rs: (lambda x: A.dropout(x, rate=0.4, seed=7),
                                                   [_normal(rs, 3, 4)], ["x"])),
     ]
 

@@ -146,7 +146,7 @@ def train(args) -> int:
     except RuntimeError as error:                   # bf16 without ml_dtypes
         raise UsageError(f"--precision {args.precision}: {error}") from None
     if device == "cpu":
-        from kernels.cpu import retain_freed_memory
+        from kernels.fast.runtime import retain_freed_memory
         retain_freed_memory()          # reuse each step's large arrays instead of page-faulting
     engine = "nccl" if device == "gpu" else "mpi"      # under mpiexec: this rank of several
     comm = distributed.init(engine if distributed.launched_size() > 1 else "auto")

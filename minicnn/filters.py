@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import depthwise as D
+from kernels import dispatch as K
 from kernels.backend import get_array_module
 
 IDENTITY = np.array([[0, 0, 0],
@@ -114,7 +114,7 @@ def apply_filter(image, f, padding="same", strides=1, dilation=1):
     if x.ndim == 3:
         x = x[None]                             # a batch of one
     kernel = get_array_module(x).asarray(as_depthwise_kernel(f, x.shape[3], dtype))
-    y = D.depthwise_conv2d_forward(x, kernel, None, strides, dilation, padding)
+    y = K.depthwise_conv2d_forward(x, kernel, strides=strides, dilation=dilation, padding=padding)
     if image.ndim == 2:
         return y[0, :, :, 0]
     return y[0] if image.ndim == 3 else y

@@ -33,6 +33,7 @@ import numbers
 import numpy as np
 
 from kernels import backend
+from minicnn import rng
 from minicnn.registry import Configurable, resolve
 
 # Standard deviation of a unit normal truncated to [-2, 2] (Keras divides by it).
@@ -40,7 +41,6 @@ TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 
 def _generator():
-    from minicnn import rng  # imported late: rng may land after this module
     return rng.generator()
 
 

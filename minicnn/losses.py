@@ -30,8 +30,10 @@ import warnings
 
 import numpy as np
 
-from kernels import backend
+from kernels import backend, dispatch
+from kernels import dice as D
 from kernels import losses as K
+from kernels import reduction as R
 from minicnn import mixed_precision
 from minicnn.registry import Configurable, resolve
 from minicnn.tensor import Function, Tensor, as_tensor
@@ -48,9 +50,9 @@ def standardize_reduction(reduction, where="Loss"):
     """'none' for None; ValueError for anything Keras 3 does not accept."""
     if reduction is None:
         return "none"
-    if reduction not in K.REDUCTIONS:
+    if reduction not in R.REDUCTIONS:
         raise ValueError(f"{where}: invalid reduction {reduction!r}; expected one of "
-                         f"{K.REDUCTIONS} or None")
+                         f"{R.REDUCTIONS} or None")
     return reduction
 
 
@@ -131,15 +133,15 @@ class LossOp(Function):
         self.input_dtype = y_pred.dtype
         pred = y_pred.astype(self.plan["dtype"], copy=False)
         values, mask, self.saved, extra = self.loss._forward(self.plan, pred)
-        out, self.reduced = K.weighted_reduction_forward(
-            values, self.sample_weight, mask, self.loss.reduction, where=self.name)
+        out, self.reduced = R.weighted_reduction_forward(
+            values, self.sample_weight, mask, reduction=self.loss.reduction, where=self.name)
         self.has_extra = extra is not None
         return out if extra is None else out + extra
 
     def backward(self, grad):
         if not self.needs_input_grad[0]:
             return (None,)
-        grad_values = K.weighted_reduction_backward(grad, self.reduced)
+        grad_values = R.weighted_reduction_backward(grad, self.reduced)
         grad_extra = grad.sum() if self.has_extra else None
         d_pred = self.loss._backward(grad_values, grad_extra, self.saved)
         return (d_pred.astype(self.input_dtype, copy=False),)
@@ -276,13 +278,13 @@ class BinaryCrossentropy(Loss):
 
     def _forward(self, plan, pred):
         x = pred.reshape(plan["shape"])
-        elementwise, saved = K.binary_crossentropy_forward(plan["target"], x, self.from_logits,
-                                                           plan["weight"])
+        elementwise, saved = K.binary_crossentropy_forward(plan["target"], x, plan["weight"],
+                                                           from_logits=self.from_logits)
         return elementwise.mean(axis=plan["axis"]), None, (saved, plan, pred.shape), None
 
     def _backward(self, grad_values, grad_extra, saved):
         kernel_saved, plan, shape = saved
-        g = K.mean_over_axis_backward(grad_values, plan["shape"], plan["axis"])
+        g = K.mean_over_axis_backward(grad_values, shape=plan["shape"], axis=plan["axis"])
         return K.binary_crossentropy_backward(g, kernel_saved).reshape(shape)
 
     def get_config(self):
@@ -314,12 +316,13 @@ class BinaryFocalCrossentropy(BinaryCrossentropy):
     def _forward(self, plan, pred):
         x = pred.reshape(plan["shape"])
         elementwise, saved = K.binary_focal_crossentropy_forward(
-            plan["target"], x, self.from_logits, self.gamma, self.alpha, self.apply_class_balancing)
+            plan["target"], x, from_logits=self.from_logits, gamma=self.gamma, alpha=self.alpha,
+            apply_class_balancing=self.apply_class_balancing)
         return elementwise.mean(axis=plan["axis"]), None, (saved, plan, pred.shape), None
 
     def _backward(self, grad_values, grad_extra, saved):
         kernel_saved, plan, shape = saved
-        g = K.mean_over_axis_backward(grad_values, plan["shape"], plan["axis"])
+        g = K.mean_over_axis_backward(grad_values, shape=plan["shape"], axis=plan["axis"])
         return K.binary_focal_crossentropy_backward(g, kernel_saved).reshape(shape)
 
     def get_config(self):
@@ -390,8 +393,8 @@ class CategoricalCrossentropy(_ClassAxisLoss):
 
     def _forward(self, plan, pred):
         z = self._to_last(pred, plan)
-        values, saved = K.categorical_crossentropy_forward(plan["target"], z, self.from_logits,
-                                                           plan["class_weight"])
+        values, saved = K.categorical_crossentropy_forward(plan["target"], z, plan["class_weight"],
+                                                           from_logits=self.from_logits)
         return values, None, (saved, plan, pred.shape), None
 
     def _backward(self, grad_values, grad_extra, saved):
@@ -431,7 +434,7 @@ class CategoricalFocalCrossentropy(CategoricalCrossentropy):
     def _forward(self, plan, pred):
         z = self._to_last(pred, plan)
         values, saved = K.categorical_focal_crossentropy_forward(
-            plan["target"], z, self.from_logits, self.gamma, plan["alpha"])
+            plan["target"], z, from_logits=self.from_logits, gamma=self.gamma, alpha=plan["alpha"])
         return values, None, (saved, plan, pred.shape), None
 
     def _backward(self, grad_values, grad_extra, saved):
@@ -494,14 +497,14 @@ class SparseCategoricalCrossentropy(_ClassAxisLoss):
 
     def _forward(self, plan, pred):
         z = self._to_last(pred, plan)
-        values, saved = K.sparse_categorical_crossentropy_forward(
-            plan["labels"], z, self.from_logits, plan["class_weight"], plan["valid"])
+        values, saved = dispatch.sparse_categorical_crossentropy_forward(
+            plan["labels"], z, plan["class_weight"], plan["valid"], from_logits=self.from_logits)
         return values, plan["valid"], (saved, plan, pred.shape), None
 
     def _backward(self, grad_values, grad_extra, saved):
         kernel_saved, plan, shape = saved
         return self._from_last(
-            K.sparse_categorical_crossentropy_backward(grad_values, kernel_saved), plan, shape)
+            dispatch.sparse_categorical_crossentropy_backward(grad_values, kernel_saved), plan, shape)
 
     def get_config(self):
         return {**super().get_config(), "from_logits": self.from_logits,
@@ -533,12 +536,13 @@ class Dice(Loss):
         return {"target": y_true.astype(dtype), "shape": shape, "axis": axis}
 
     def _forward(self, plan, pred):
-        values, saved = K.dice_forward(plan["target"], pred.reshape(plan["shape"]), plan["axis"])
+        values, saved = D.dice_forward(plan["target"], pred.reshape(plan["shape"]),
+                                       axis=plan["axis"])
         return values, None, (saved, pred.shape), None
 
     def _backward(self, grad_values, grad_extra, saved):
         kernel_saved, shape = saved
-        return K.dice_backward(grad_values, kernel_saved).reshape(shape)
+        return D.dice_backward(grad_values, kernel_saved).reshape(shape)
 
     def get_config(self):
         axis = self.axis if self.axis is None or isinstance(self.axis, int) else list(self.axis)
@@ -574,17 +578,17 @@ class CEDice(SparseCategoricalCrossentropy):
     def _forward(self, plan, pred):
         values, mask, (saved, plan, shape), _ = super()._forward(plan, pred)
         z = self._to_last(pred, plan)
-        dice, dice_saved = K.soft_dice_forward(plan["labels"], z, self.from_logits, plan["valid"],
-                                               self.smooth)
+        dice, dice_saved = D.soft_dice_forward(plan["labels"], z, plan["valid"],
+                                               from_logits=self.from_logits, smooth=self.smooth)
         values = values * values.dtype.type(self.ce_weight)
         extra = dice * dice.dtype.type(self.dice_weight)
         return values, mask, (saved, dice_saved, plan, shape), extra
 
     def _backward(self, grad_values, grad_extra, saved):
         ce_saved, dice_saved, plan, shape = saved
-        d_ce = K.sparse_categorical_crossentropy_backward(
+        d_ce = dispatch.sparse_categorical_crossentropy_backward(
             grad_values * grad_values.dtype.type(self.ce_weight), ce_saved)
-        d_dice = K.soft_dice_backward(grad_extra * grad_extra.dtype.type(self.dice_weight),
+        d_dice = D.soft_dice_backward(grad_extra * grad_extra.dtype.type(self.dice_weight),
                                       dice_saved)
         return self._from_last(d_ce + d_dice, plan, shape)
 

@@ -21,7 +21,3 @@ def generator() -> np.random.Generator:
     """The package's current generator."""
     return _generator
 
-
-def spawn() -> np.random.Generator:
-    """An independent generator seeded from the package generator (for a data pipeline, say)."""
-    return np.random.default_rng(_generator.integers(2**63))

@@ -27,3 +27,12 @@ def device(request):
     if request.param == "gpu" and not backend.gpu_available():
         pytest.skip("no CUDA GPU visible to CuPy (GPU twin of a CPU test)")
     return request.param
+
+
+@pytest.fixture(params=["plain", "fast"])
+def kernel_path(request):
+    """Run a test through the plain kernels and through their tuned twins (``mc.config.kernels``;
+    with the ``device`` fixture's "gpu", "fast" means the CUDA twins)."""
+    from kernels.config import settings
+    with settings.override(kernels=request.param):
+        yield request.param

@@ -1,11 +1,13 @@
 """Hand-written CUDA kernels for the GPU path, compiled at run time by CuPy (``RawModule``).
 
 One ``.cu`` source per operation family, each with a Python module of wrappers that take and
-return CuPy arrays and have the signature (and results) of the NumPy kernel they replace:
+return CuPy arrays and have the signature (and results) of the plain kernel they replace:
 
-    conv.cu / conv.py              im2col_gpu, col2im_gpu                     kernels.conv2d
+    conv.cu / conv.py              im2col_gpu, col2im_gpu, and on them        kernels.conv2d
+                                   conv2d_forward_gpu, conv2d_transpose_gpu,
+                                   conv2d_backward_filter_gpu
     pool.cu / pool.py              max_pool2d_forward_gpu, _backward_gpu      kernels.pooling
-    upsample.cu / upsample.py      upsample2d_forward_gpu, _backward_gpu      kernels.pooling
+    upsample.cu / upsample.py      upsample2d_forward_gpu, _backward_gpu      kernels.upsampling
     batchnorm.cu / batchnorm.py    batch_norm_forward_training_gpu,           kernels.normalization
                                    batch_norm_forward_inference_gpu,
                                    batch_norm_backward_gpu (+ batch_norm_statistics_gpu)
@@ -15,12 +17,9 @@ return CuPy arrays and have the signature (and results) of the NumPy kernel they
                                    one launch (twin: adam_update_reference)
 
 Every kernel is deterministic: reductions run in a fixed order and the backward passes are
-gathers (each output element sums its own contributions), never atomics. A kernel's owner
-dispatches with one line at the top of the NumPy function, e.g. in
-``kernels.pooling.max_pool2d_forward``::
-
-    if xp is not np:
-        return cuda.max_pool2d_forward_gpu(x, pool_size, strides, padding, return_argmax)
+gathers (each output element sums its own contributions), never atomics. ``kernels.dispatch``
+lists which plain kernel each wrapper replaces and runs it for CuPy arrays
+(``mc.config.cuda_kernels``).
 
 Importing this package does not import CuPy: ``load`` reaches it through ``kernels.backend``
 on the first launch.
@@ -28,7 +27,8 @@ on the first launch.
 from kernels.cuda.adam import adam_update_gpu, adam_update_reference
 from kernels.cuda.batchnorm import (batch_norm_backward_gpu, batch_norm_forward_inference_gpu,
                                     batch_norm_forward_training_gpu, batch_norm_statistics_gpu)
-from kernels.cuda.conv import col2im_gpu, im2col_gpu
+from kernels.cuda.conv import (col2im_gpu, conv2d_backward_filter_gpu, conv2d_forward_gpu,
+                               conv2d_transpose_gpu, im2col_gpu)
 from kernels.cuda.pool import max_pool2d_backward_gpu, max_pool2d_forward_gpu
 from kernels.cuda.runtime import COMPILE_OPTIONS, SOURCE_DIR, kernel, load
 from kernels.cuda.softmax_ce import (softmax_cross_entropy_gpu,
@@ -52,7 +52,8 @@ KERNEL_NAMES = {
 
 __all__ = [
     "load", "kernel", "SOURCE_DIR", "COMPILE_OPTIONS", "KERNEL_NAMES",
-    "im2col_gpu", "col2im_gpu", "max_pool2d_forward_gpu", "max_pool2d_backward_gpu",
+    "im2col_gpu", "col2im_gpu", "conv2d_forward_gpu", "conv2d_transpose_gpu",
+    "conv2d_backward_filter_gpu", "max_pool2d_forward_gpu", "max_pool2d_backward_gpu",
     "upsample2d_forward_gpu", "upsample2d_backward_gpu", "upsample_bilinear_gpu",
     "upsample_bilinear_backward_gpu", "batch_norm_statistics_gpu",
     "batch_norm_forward_training_gpu", "batch_norm_forward_inference_gpu",

@@ -76,7 +76,7 @@ def _per_channel(total_channels):
     return (rt.blocks_for(total_channels),), (rt.THREADS,)
 
 
-def batch_norm_statistics_gpu(x, epsilon=1e-3):
+def batch_norm_statistics_gpu(x, *, epsilon=1e-3):
     """(mean, var, inv_std), each (C,) in x's dtype: biased variance, inv_std = 1/sqrt(var + eps).
 
     Shifted sums in float64 (d = x - x[0, c]): mean = x[0] + S1/M, var = S2/M - (S1/M)^2.
@@ -120,7 +120,8 @@ def _normalize(x, mean, inv_std, gamma, beta, save_mode):
     return y, saved
 
 
-def batch_norm_forward_training_gpu(x, gamma=None, beta=None, epsilon=1e-3, save="x_centered"):
+def batch_norm_forward_training_gpu(x, gamma=None, beta=None, *, epsilon=1e-3,
+                                    save="x_centered"):
     """Normalise with the batch's own statistics. x: (..., C); gamma, beta: (C,) or None.
 
     Returns ``y, mean, var, x_centered, inv_std``, x_centered = x - mean (what the backward
@@ -133,12 +134,12 @@ def batch_norm_forward_training_gpu(x, gamma=None, beta=None, epsilon=1e-3, save
     save_mode = _save_mode(fn, save)
     gamma, beta = _param(fn, x, gamma, "gamma"), _param(fn, x, beta, "beta")
     x = rt.contiguous(x)
-    mean, var, inv_std = batch_norm_statistics_gpu(x, epsilon)
+    mean, var, inv_std = batch_norm_statistics_gpu(x, epsilon=epsilon)
     y, saved = _normalize(x, mean, inv_std, gamma, beta, save_mode)
     return y, mean, var, saved, inv_std
 
 
-def batch_norm_forward_inference_gpu(x, moving_mean, moving_var, gamma=None, beta=None,
+def batch_norm_forward_inference_gpu(x, moving_mean, moving_var, gamma=None, beta=None, *,
                                      epsilon=1e-3):
     """y = gamma * (x - moving_mean) / sqrt(moving_var + eps) + beta. x: (..., C), the rest (C,).
 
@@ -159,7 +160,7 @@ def batch_norm_forward_inference_gpu(x, moving_mean, moving_var, gamma=None, bet
     return y
 
 
-def batch_norm_backward_gpu(dy, x_centered, inv_std, gamma=None, saved="x_centered"):
+def batch_norm_backward_gpu(dy, x_centered, inv_std, gamma=None, *, saved="x_centered"):
     """Gradients of the training-mode forward. dy, x_centered = x - mean: (..., C);
     inv_std, gamma: (C,). ``saved="x_hat"``: the second argument is x_hat itself.
 

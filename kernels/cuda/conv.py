@@ -1,12 +1,15 @@
-"""GPU im2col / col2im (``conv.cu``): the window copy of convolution and its adjoint.
+"""GPU convolution: im2col / col2im (``conv.cu``), the window copy and its adjoint, and the
+convolution kernels of ``kernels.conv2d`` built on them (one large product per layer, which is
+what a GPU does well).
 
 Same signatures and results as the NumPy kernels they replace; CuPy arrays in and out.
-``geometry`` is a ``kernels.conv2d.ConvGeometry`` (any object with ``kernel_hw``, ``out_hw``,
+``geometry`` is a ``kernels.shapes.Geometry`` (any object with ``kernel_hw``, ``out_hw``,
 ``strides``, ``dilation`` and ``pads`` works): sizes and padding come from ``kernels.shapes``.
 """
 from __future__ import annotations
 
 from kernels import backend
+from kernels.conv2d import filter_geometry, forward_geometry, transpose_geometry
 from kernels.cuda import runtime as rt
 
 SOURCE = "conv.cu"
@@ -79,3 +82,39 @@ def col2im_gpu(cols, x_shape, geometry):
               [cols, dx, rt.i64(n), rt.i64(height), rt.i64(width), rt.i64(c),
                *_geometry_args(geometry)])
     return dx
+
+
+# -- the convolution kernels on the GPU: kernels.conv2d's algorithm with the CUDA window copies --
+
+def conv2d_forward_gpu(x, w, b=None, *, strides=1, dilation=1, padding="valid"):
+    """``kernels.conv2d.conv2d_forward`` on CuPy arrays: ``im2col_gpu`` and one product."""
+    g = forward_geometry("conv2d_forward", x, w, b, strides=strides, dilation=dilation,
+                         padding=padding)
+    kh, kw, c, n_out = w.shape
+    cols = im2col_gpu(x, g).reshape(-1, kh * kw * c)
+    y = (cols @ w.reshape(kh * kw * c, n_out)).reshape(x.shape[0], *g.out_hw, n_out)
+    if b is not None:
+        y += b
+    return y
+
+
+def conv2d_transpose_gpu(y, w, b=None, *, output_size, strides=1, dilation=1, padding="valid"):
+    """``kernels.conv2d.conv2d_transpose`` on CuPy arrays: one product and ``col2im_gpu``."""
+    g = transpose_geometry("conv2d_transpose", y, w, b, output_size=output_size,
+                           strides=strides, dilation=dilation, padding=padding)
+    kh, kw, c, n_out = w.shape
+    dcols = y.reshape(-1, n_out) @ w.reshape(kh * kw * c, n_out).T
+    x = col2im_gpu(dcols.reshape(y.shape[0], *g.out_hw, kh, kw, c), (y.shape[0], *g.in_hw, c), g)
+    if b is not None:
+        x += b
+    return x
+
+
+def conv2d_backward_filter_gpu(x, grad_y, *, kernel_size, strides=1, dilation=1,
+                               padding="valid"):
+    """``kernels.conv2d.conv2d_backward_filter`` on CuPy arrays: ``im2col_gpu``, one product."""
+    g = filter_geometry("conv2d_backward_filter", x, grad_y, kernel_size=kernel_size,
+                        strides=strides, dilation=dilation, padding=padding)
+    (kh, kw), c, n_out = g.kernel_hw, x.shape[3], grad_y.shape[3]
+    cols = im2col_gpu(x, g).reshape(-1, kh * kw * c)
+    return (cols.T @ grad_y.reshape(-1, n_out)).reshape(kh, kw, c, n_out)

@@ -60,8 +60,8 @@ def softmax_cross_entropy_gpu(logits, labels, ignore_class=None, class_weight=No
     Returns ``loss: (...)`` = -w[y] log softmax(logits)_y and ``grad: (..., C)`` =
     w[y] (softmax - one_hot(y)), w = class_weight or 1. Labels equal to ``ignore_class``, and
     labels of -1, are ignored (loss 0, zero gradient row); any other label outside [0, C) gives
-    NaN. Equals ``kernels.losses.sparse_categorical_crossentropy_forward(labels, logits, True,
-    class_weight, valid)[0]`` and its backward with grad = 1.
+    NaN. Equals ``kernels.losses.sparse_categorical_crossentropy_forward(labels, logits,
+    class_weight, valid, from_logits=True)[0]`` and its backward with grad = 1.
     """
     fn = "softmax_cross_entropy_gpu"
     rt.require_gpu(fn, "kernels.losses.sparse_categorical_crossentropy_forward",
@@ -76,8 +76,8 @@ def softmax_cross_entropy_gpu(logits, labels, ignore_class=None, class_weight=No
     return _run_forward(logits, labels32, class_weight, MODE_GRADIENT)
 
 
-def sparse_categorical_crossentropy_forward_gpu(labels, output, from_logits, class_weight=None,
-                                                valid=None):
+def sparse_categorical_crossentropy_forward_gpu(labels, output, class_weight=None, valid=None, *,
+                                                from_logits):
     """values = -w[y] log softmax(output)_y at each position; ``(values, saved)`` as in NumPy.
 
     labels: (...) ints in [0, C); output: (..., C) logits; class_weight: (C,) or None;

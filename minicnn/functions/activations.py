@@ -1,15 +1,16 @@
 """Differentiable activations (``minicnn.Function`` subclasses over ``kernels.activations``) and
 ``get(identifier)``, which turns a Keras activation name into a Tensor -> Tensor callable.
 
-    relu(x)                   y = max(x, 0)                      dx = g [y > 0]
-    leaky_relu(x, 0.3)        y = x (x >= 0), alpha x (x < 0)    dx = g (1 if x > 0 else alpha)
-    sigmoid(x)                y = 1 / (1 + exp(-x))              dx = g y (1 - y)
-    tanh(x)                   y = tanh(x)                        dx = g (1 - y^2)
-    softmax(x, axis=-1)       y = exp(x) / sum exp(x)            dx = y (g - sum(g y))
-    log_softmax(x, axis=-1)   z = x - log sum exp(x)             dx = g - exp(z) sum(g)
-    relu(x, negative_slope, max_value, threshold)   Keras' general ReLU (see ``GeneralReLU``)
-    dropout(x, rate)          y = x * mask, mask = [u >= rate] / (1 - rate)   dx = g * mask
+    relu(x)                            y = max(x, 0)                    dx = g [y > 0]
+    leaky_relu(x, negative_slope=0.3)  y = x (x >= 0), alpha x (x < 0)  dx = g (1 if x > 0 else alpha)
+    sigmoid(x)                         y = 1 / (1 + exp(-x))            dx = g y (1 - y)
+    tanh(x)                            y = tanh(x)                      dx = g (1 - y^2)
+    softmax(x, axis=-1)                y = exp(x) / sum exp(x)          dx = y (g - sum(g y))
+    log_softmax(x, axis=-1)            z = x - log sum exp(x)           dx = g - exp(z) sum(g)
+    relu(x, negative_slope=, max_value=, threshold=)   Keras' general ReLU (see ``GeneralReLU``)
+    dropout(x, rate=)                  y = x * mask, mask = [u >= rate] / (1 - rate)   dx = g * mask
 
+Settings are keyword-only. ReLU runs through ``kernels.dispatch`` (its tuned CPU twin).
 On the GPU, dropout draws its mask there, from a CuPy generator seeded once from the NumPy
 generator it was given (``device_generator_for``): a GPU run repeats under ``minicnn.seed(n)``,
 though with other masks than the CPU run.
@@ -20,7 +21,9 @@ import numpy as np
 
 from kernels import activations as K
 from kernels import backend
+from kernels import dispatch
 from kernels.backend import get_array_module
+from minicnn import rng
 from minicnn.tensor import Function, as_tensor
 
 
@@ -28,25 +31,25 @@ class ReLU(Function):
     """y = max(x, 0); backward from the output: dx = g * [y > 0]."""
 
     def forward(self, x):
-        self.y = K.relu_forward(x)
+        self.y = dispatch.relu_forward(x)
         return self.y
 
     def backward(self, g):
-        return K.relu_backward(g, self.y)
+        return dispatch.relu_backward(g, self.y)
 
 
 class LeakyReLU(Function):
     """y = x for x >= 0, alpha * x otherwise; dx = g * (1 if x > 0 else alpha)."""
 
     def __init__(self, alpha=0.3):
-        self.alpha = K._check_alpha(alpha)
+        self.alpha = K.check_alpha(alpha)
 
     def forward(self, x):
         self.x = x
-        return K.leaky_relu_forward(x, self.alpha)
+        return K.leaky_relu_forward(x, alpha=self.alpha)
 
     def backward(self, g):
-        return K.leaky_relu_backward(g, self.x, self.alpha)
+        return K.leaky_relu_backward(g, self.x, alpha=self.alpha)
 
 
 class GeneralReLU(Function):
@@ -119,11 +122,11 @@ class Softmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        self.y = K.softmax_forward(x, self.axis)
+        self.y = K.softmax_forward(x, axis=self.axis)
         return self.y
 
     def backward(self, g):
-        return K.softmax_backward(g, self.y, self.axis)
+        return K.softmax_backward(g, self.y, axis=self.axis)
 
 
 class LogSoftmax(Function):
@@ -133,11 +136,11 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        self.z = K.log_softmax_forward(x, self.axis)
+        self.z = K.log_softmax_forward(x, axis=self.axis)
         return self.z
 
     def backward(self, g):
-        return K.log_softmax_backward(g, self.z, self.axis)
+        return K.log_softmax_backward(g, self.z, axis=self.axis)
 
 
 class Dropout(Function):
@@ -151,15 +154,16 @@ class Dropout(Function):
     def forward(self, x):
         shape = resolve_noise_shape(self.noise_shape, x.shape)
         generator = device_generator_for(self.generator, x)
-        self.mask = K.dropout_mask(shape, self.rate, generator, x.dtype, like=x)
+        self.mask = K.dropout_mask(shape, rate=self.rate, generator=generator, dtype=x.dtype,
+                                  like=x)
         return K.dropout_forward(x, self.mask)
 
     def backward(self, g):
         return K.dropout_backward(g, self.mask)
 
 
-_DEVICE_GENERATORS: dict = {}     # id(numpy generator) -> (that generator, its GPU twin)
-_MAX_DEVICE_GENERATORS = 16       # forget the oldest beyond this (dropout(seed=...) makes many)
+DEVICE_GENERATORS: dict = {}     # id(numpy generator) -> (that generator, its GPU twin)
+MAX_DEVICE_GENERATORS = 16       # forget the oldest beyond this (dropout(seed=...) makes many)
 
 
 def device_generator_for(generator, like):
@@ -172,14 +176,14 @@ def device_generator_for(generator, like):
     """
     if not backend.is_gpu_array(like) or not isinstance(generator, np.random.Generator):
         return generator
-    entry = _DEVICE_GENERATORS.get(id(generator))
+    entry = DEVICE_GENERATORS.get(id(generator))
     if entry is None or entry[0] is not generator:
         seed = int(generator.integers(2**63))
         entry = (generator, backend.device_generator(seed))
-        _DEVICE_GENERATORS.pop(id(generator), None)
-        _DEVICE_GENERATORS[id(generator)] = entry
-        while len(_DEVICE_GENERATORS) > _MAX_DEVICE_GENERATORS:
-            del _DEVICE_GENERATORS[next(iter(_DEVICE_GENERATORS))]
+        DEVICE_GENERATORS.pop(id(generator), None)
+        DEVICE_GENERATORS[id(generator)] = entry
+        while len(DEVICE_GENERATORS) > MAX_DEVICE_GENERATORS:
+            del DEVICE_GENERATORS[next(iter(DEVICE_GENERATORS))]
     return entry[1]
 
 
@@ -201,14 +205,14 @@ def resolve_noise_shape(noise_shape, shape):
 # -- functional forms -----------------------------------------------------------------------------
 
 
-def relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
+def relu(x, *, negative_slope=0.0, max_value=None, threshold=0.0):
     """max(x, 0); with Keras' options, ``GeneralReLU``'s formula."""
     if negative_slope == 0 and max_value is None and threshold == 0:
         return ReLU()(x)
     return GeneralReLU(negative_slope, max_value, threshold)(x)
 
 
-def leaky_relu(x, negative_slope=0.3):
+def leaky_relu(x, *, negative_slope=0.3):
     """x for x >= 0, negative_slope * x otherwise (Keras 3 default slope 0.3; PyTorch's 0.01)."""
     return LeakyReLU(negative_slope)(x)
 
@@ -221,23 +225,19 @@ def tanh(x):
     return Tanh()(x)
 
 
-def softmax(x, axis=-1):
+def softmax(x, *, axis=-1):
     return Softmax(axis)(x)
 
 
-def log_softmax(x, axis=-1):
+def log_softmax(x, *, axis=-1):
     return LogSoftmax(axis)(x)
 
 
-def dropout(x, rate, noise_shape=None, seed=None, generator=None):
+def dropout(x, *, rate, noise_shape=None, seed=None, generator=None):
     """Inverted dropout (always applied: callers decide when training). The mask comes from
     ``generator``, else a fresh generator seeded with ``seed``, else ``minicnn.rng.generator()``."""
     if generator is None:
-        if seed is not None:
-            generator = np.random.default_rng(seed)
-        else:
-            from minicnn import rng
-            generator = rng.generator()
+        generator = np.random.default_rng(seed) if seed is not None else rng.generator()
     return Dropout(rate, generator, noise_shape)(x)
 
 

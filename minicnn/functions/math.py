@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import backend
-from kernels import cpu as K_threads      # the kernels' thread pool (parallel_map)
+from kernels import backend, dispatch
 from kernels.backend import get_array_module
 from minicnn.tensor import Function, Tensor, as_tensor
-
-# NumPy joins larger than this many bytes copy their images on the kernels' threads.
-PARALLEL_MIN_BYTES = 4 << 20
 
 
 def unbroadcast(grad, shape):
@@ -332,28 +328,8 @@ class Concatenate(Function):
         return super().__call__(*tensors)
 
     def forward(self, *arrays):
-        xp = get_array_module(*arrays)
         self.sizes = [a.shape[self.axis] for a in arrays]
-        out_bytes = int(np.sum([a.nbytes for a in arrays]))     # (``sum`` is this module's)
-        if xp is not np or out_bytes < PARALLEL_MIN_BYTES or arrays[0].ndim < 2 \
-                or self.axis % arrays[0].ndim == 0:
-            return xp.concatenate(arrays, axis=self.axis)
-        # A large NumPy join (the U-Net's skip connections): each thread copies its images.
-        axis = self.axis % arrays[0].ndim
-        shape = list(arrays[0].shape)
-        shape[axis] = int(np.sum(self.sizes))
-        out = np.empty(shape, dtype=np.result_type(*arrays))
-        edges = np.cumsum([0] + self.sizes).tolist()
-        n = shape[0]
-        parts = min(n, K_threads.num_threads())
-        bounds = [n * k // parts for k in range(parts + 1)]
-
-        def copy(group):
-            rows = slice(*group)
-            for a, lo, hi in zip(arrays, edges, edges[1:]):
-                out[(rows,) + (slice(None),) * (axis - 1) + (slice(lo, hi),)] = a[rows]
-        K_threads.parallel_map(copy, list(zip(bounds, bounds[1:])))
-        return out
+        return dispatch.concatenate(*arrays, axis=self.axis)
 
     def backward(self, g):
         xp = get_array_module(g)

@@ -1,4 +1,5 @@
-"""Differentiable batch normalisation (``kernels.normalization``); x: (..., C), parameters (C,).
+"""Differentiable batch normalisation (``kernels.normalization``, through ``kernels.dispatch``);
+x: (..., C), parameters (C,).
 
     training:  y = gamma * (x - mean_B) / sqrt(var_B + eps) + beta, with the batch's mean and
                biased variance; the gradient flows through the statistics as well
@@ -12,6 +13,7 @@ folds them into its moving averages (``kernels.normalization.update_moving_stati
 """
 from __future__ import annotations
 
+from kernels import dispatch
 from kernels import normalization as K
 from kernels.backend import get_array_module
 from minicnn.tensor import Function, Tensor, as_tensor
@@ -24,15 +26,16 @@ class BatchNorm(Function):
         self.epsilon = float(epsilon)
 
     def forward(self, x, gamma, beta):
-        y, self.batch_mean, self.batch_var, x_centered, inv_std = K.batch_norm_forward_training(
-            x, gamma, beta, self.epsilon)
+        y, self.batch_mean, self.batch_var, x_centered, inv_std = \
+            dispatch.batch_norm_forward_training(x, gamma, beta, epsilon=self.epsilon)
         if any(self.needs_input_grad):
             self.x_centered, self.inv_std = x_centered, inv_std
             self.gamma, self.beta_dtype = gamma, beta.dtype
         return y
 
     def backward(self, g):
-        dx, dgamma, dbeta = K.batch_norm_backward(g, self.x_centered, self.inv_std, self.gamma)
+        dx, dgamma, dbeta = dispatch.batch_norm_backward(g, self.x_centered, self.inv_std,
+                                                          self.gamma)
         need_x, need_gamma, need_beta = self.needs_input_grad
         return (dx if need_x else None,
                 dgamma.astype(self.gamma.dtype, copy=False) if need_gamma else None,
@@ -50,24 +53,25 @@ class BatchNormInference(Function):
         if any(self.needs_input_grad):
             self.x, self.moving_mean, self.moving_var, self.gamma, self.beta_dtype = (
                 x, moving_mean, moving_var, gamma, beta.dtype)
-        return K.batch_norm_forward_inference(x, moving_mean, moving_var, gamma, beta,
-                                              self.epsilon)
+        return dispatch.batch_norm_forward_inference(x, moving_mean, moving_var, gamma, beta,
+                                                     epsilon=self.epsilon)
 
     def backward(self, g):
         need_x, _, _, need_gamma, need_beta = self.needs_input_grad
-        dx = K.batch_norm_backward_inference(g, self.moving_var, self.gamma, self.epsilon) \
+        dx = K.batch_norm_backward_inference(g, self.moving_var, self.gamma, epsilon=self.epsilon) \
             if need_x else None
         dgamma = dbeta = None
         if need_gamma or need_beta:
             dgamma, dbeta = K.batch_norm_param_grads_inference(g, self.x, self.moving_mean,
-                                                               self.moving_var, self.epsilon)
+                                                               self.moving_var,
+                                                               epsilon=self.epsilon)
             dgamma = dgamma.astype(self.gamma.dtype, copy=False) if need_gamma else None
             dbeta = dbeta.astype(self.beta_dtype, copy=False) if need_beta else None
         return dx, None, None, dgamma, dbeta
 
 
-def batch_norm(x, gamma=None, beta=None, moving_mean=None, moving_variance=None, training=False,
-               epsilon=1e-3):
+def batch_norm(x, gamma=None, beta=None, moving_mean=None, moving_variance=None, *,
+               training=False, epsilon=1e-3):
     """Batch normalisation over every axis but the last. x: (..., C); the rest (C,) or None
     (gamma = 1, beta = 0). training=True normalises with the batch's statistics (the moving ones
     are not needed and not updated); training=False with ``moving_mean`` / ``moving_variance``."""

@@ -167,7 +167,8 @@ class Conv2D(_BaseConv):
 
     def call(self, inputs, training=False):
         y = F.conv2d(self._cast(inputs), self.cast_weight(self.kernel),
-                     self.cast_weight(self.bias), self.strides, self.padding, self.dilation_rate)
+                     self.cast_weight(self.bias), strides=self.strides, padding=self.padding,
+                     dilation=self.dilation_rate)
         return self.fn(y)
 
     def get_config(self):
@@ -214,8 +215,9 @@ class Conv2DTranspose(_BaseConv):
 
     def call(self, inputs, training=False):
         y = F.conv2d_transpose(self._cast(inputs), self.cast_weight(self.kernel),
-                               self.cast_weight(self.bias), self.strides,
-                               self.padding, self.dilation_rate, self.output_padding)
+                               self.cast_weight(self.bias), strides=self.strides,
+                               padding=self.padding, dilation=self.dilation_rate,
+                               output_padding=self.output_padding)
         return self.fn(y)
 
     def get_config(self):
@@ -258,8 +260,8 @@ class DepthwiseConv2D(_BaseConv):
 
     def call(self, inputs, training=False):
         y = F.depthwise_conv2d(self._cast(inputs), self.cast_weight(self.kernel),
-                               self.cast_weight(self.bias), self.strides,
-                               self.padding, self.dilation_rate)
+                               self.cast_weight(self.bias), strides=self.strides,
+                               padding=self.padding, dilation=self.dilation_rate)
         return self.fn(y)
 
     def get_config(self):
@@ -307,8 +309,8 @@ class SeparableConv2D(_BaseConv):
     def call(self, inputs, training=False):
         y = F.separable_conv2d(self._cast(inputs), self.cast_weight(self.depthwise_kernel),
                                self.cast_weight(self.pointwise_kernel),
-                               self.cast_weight(self.bias), self.strides, self.padding,
-                               self.dilation_rate)
+                               self.cast_weight(self.bias), strides=self.strides,
+                               padding=self.padding, dilation=self.dilation_rate)
         return self.fn(y)
 
     def get_config(self):
@@ -352,10 +354,10 @@ class SpatialSeparableConv2D(_BaseConv):
         (sh, sw), (dh, dw) = self.strides, self.dilation_rate
         # 'same' pads only along the axis whose kernel is longer than 1 (the other has k = 1,
         # stride 1), so both steps together pad exactly as a (kh x kw) 'same' Conv2D.
-        rows = F.conv2d(self._cast(inputs), self.cast_weight(self.vertical_kernel), None,
-                        (sh, 1), self.padding, (dh, 1))
+        rows = F.conv2d(self._cast(inputs), self.cast_weight(self.vertical_kernel),
+                        strides=(sh, 1), padding=self.padding, dilation=(dh, 1))
         y = F.conv2d(rows, self.cast_weight(self.horizontal_kernel), self.cast_weight(self.bias),
-                     (1, sw), self.padding, (1, dw))
+                     strides=(1, sw), padding=self.padding, dilation=(1, dw))
         return self.fn(y)
 
     def get_config(self):

@@ -80,7 +80,8 @@ class ReLU(Layer):
         self.negative_slope, self.threshold = float(negative_slope), float(threshold)
 
     def call(self, inputs, training=False):
-        return A.relu(inputs, self.negative_slope, self.max_value, self.threshold)
+        return A.relu(inputs, negative_slope=self.negative_slope, max_value=self.max_value,
+                      threshold=self.threshold)
 
     def get_config(self):
         return {**super().get_config(), "max_value": self.max_value,
@@ -99,7 +100,7 @@ class LeakyReLU(Layer):
         self.negative_slope = float(negative_slope)
 
     def call(self, inputs, training=False):
-        return A.leaky_relu(inputs, self.negative_slope)
+        return A.leaky_relu(inputs, negative_slope=self.negative_slope)
 
     def get_config(self):
         return {**super().get_config(), "negative_slope": self.negative_slope}
@@ -113,7 +114,7 @@ class Softmax(Layer):
         self.axis = axis
 
     def call(self, inputs, training=False):
-        return A.softmax(inputs, self.axis)
+        return A.softmax(inputs, axis=self.axis)
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis}
@@ -142,7 +143,8 @@ class Dropout(Layer):
             return inputs
         if self.rate == 1:                  # Keras: everything dropped
             return inputs * 0
-        return A.dropout(inputs, self.rate, self.noise_shape, generator=self.generator)
+        return A.dropout(inputs, rate=self.rate, noise_shape=self.noise_shape,
+                         generator=self.generator)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "noise_shape": self.noise_shape,

@@ -103,7 +103,8 @@ class BatchNormalization(Layer):
             fn = self._training_function()
             y = fn(x, *self._gamma_beta(x))
             mean, var = update_moving_statistics(self.moving_mean.data, self.moving_variance.data,
-                                                 fn.batch_mean, fn.batch_var, self.momentum)
+                                                 fn.batch_mean, fn.batch_var,
+                                                 momentum=self.momentum)
             self.moving_mean.data[...] = mean
             self.moving_variance.data[...] = var
         else:

@@ -66,7 +66,8 @@ class _Pooling2D(Layer):
         self.compute_output_shape(input_shape)       # fail early, naming the layer
 
     def call(self, inputs, training=False):
-        return self.function(inputs, self.pool_size, self.strides, self.padding)
+        return self.function(inputs, pool_size=self.pool_size, strides=self.strides,
+                             padding=self.padding)
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides,
@@ -103,7 +104,7 @@ class GlobalAveragePooling2D(Layer):
         return (n, 1, 1, c) if self.keepdims else (n, c)
 
     def call(self, inputs, training=False):
-        return F.global_avg_pool2d(inputs, self.keepdims)
+        return F.global_avg_pool2d(inputs, keepdims=self.keepdims)
 
     def get_config(self):
         return {**super().get_config(), "data_format": "channels_last", "keepdims": self.keepdims}
@@ -129,7 +130,7 @@ class UpSampling2D(Layer):
                 None if w is None else w * self.size[1], c)
 
     def call(self, inputs, training=False):
-        return F.upsample2d(inputs, self.size, self.interpolation)
+        return F.upsample2d(inputs, size=self.size, interpolation=self.interpolation)
 
     def get_config(self):
         return {**super().get_config(), "size": self.size, "data_format": "channels_last",

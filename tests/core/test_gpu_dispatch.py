@@ -1,30 +1,22 @@
-"""The GPU path, wired on the CPU side.
+"""The GPU path, wired on the CPU side (which kernel runs where is tests/kernels/test_dispatch.py).
 
-- importing the kernels and minicnn does not import CuPy; ``MINICNN_CUDA_KERNELS=0`` and
-  ``array_code_only()`` switch the CUDA kernels off;
-- each dispatch site in kernels/ calls its ``kernels.cuda`` wrapper with arguments that bind to
-  the wrapper's signature, by the right names, and returns the wrapper's result untouched. On a
-  CPU this runs with NumPy in disguise: a stand-in array module that is not ``numpy`` (so the
-  dispatch line fires) but does what numpy does (so the array code still runs when switched off);
-- the dispatched kernels give the NumPy path's tuple structure, dtypes and values, the scatter-add,
-  the metrics' fixed-size counts, the dropout generators, ``Tensor.to`` and a whole fit on the
-  ``device`` fixture (on a GPU, "gpu" runs the CUDA kernels; without one it is skipped).
+- the kernels reached through ``kernels.dispatch`` give the NumPy path's tuple structure, dtypes
+  and values on the ``device`` fixture (on a GPU, "gpu" runs the CUDA twins; without one it is
+  skipped), and the CUDA twins agree with the plain array code on the same CuPy arrays;
+- the scatter-add, the metrics' fixed-size counts, the dropout generators, ``Tensor.to`` and a
+  whole fit on the device.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minicnn as mc
-from kernels import backend, cuda, losses, normalization, pooling
+from kernels import backend, dispatch, pooling
+from kernels.config import settings
 from kernels.backend import to_device, to_numpy
 from minicnn import layers as kl
 from minicnn import metrics
@@ -41,35 +33,6 @@ class NumpyInDisguise(types.ModuleType):
 
 
 DISGUISE = NumpyInDisguise("cupy_stand_in")
-REPO = Path(__file__).resolve().parents[2]
-
-
-class RecordingCuda:
-    """Stands for ``kernels.cuda``: each wrapper binds its call to the real wrapper's signature
-    (a TypeError if the arguments do not fit), records the binding and returns a marker."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        real = getattr(cuda, name)
-
-        def wrapper(*args, **kwargs):
-            bound = inspect.signature(real).bind(*args, **kwargs)
-            self.calls.append((name, bound.arguments))
-            return ("result of", name)
-        return wrapper
-
-
-@pytest.fixture
-def on_fake_gpu(monkeypatch):
-    """Make the three dispatching modules see a non-numpy array module; return the recorder."""
-    recorder = RecordingCuda()
-    monkeypatch.setattr(backend, "_cuda_kernels", True)     # whatever MINICNN_CUDA_KERNELS says
-    for module in (pooling, normalization, losses):
-        monkeypatch.setattr(module, "get_array_module", lambda *arrays: DISGUISE)
-        monkeypatch.setattr(module, "cuda", recorder)
-    return recorder
 
 
 def images(rng, shape=(2, 5, 6, 3), dtype=np.float32):
@@ -79,141 +42,6 @@ def images(rng, shape=(2, 5, 6, 3), dtype=np.float32):
 def logits_and_labels(rng, shape=(2, 3, 4), classes=3, dtype=np.float32):
     return (rng.standard_normal(shape + (classes,)).astype(dtype),
             rng.integers(0, classes, shape).astype(np.int64))
-
-
-# ============================================================================ import and switch
-
-def test_importing_does_not_import_cupy_and_the_switch_reads_the_environment():
-    code = ("import sys, kernels.pooling, kernels.normalization, kernels.losses, minicnn\n"
-            "from kernels import backend\n"
-            "assert 'cupy' not in sys.modules and 'cupyx' not in sys.modules, 'cupy imported'\n"
-            "print(backend.cuda_kernels_enabled())\n")
-    for value, expected in (("1", "True"), ("0", "False"), ("off", "False")):
-        env = {**os.environ, "MINICNN_CUDA_KERNELS": value,
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env=env, cwd=REPO, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == expected, (value, done.stdout)
-
-
-def test_array_code_only_switches_off_and_restores(monkeypatch):
-    monkeypatch.setattr(backend, "_cuda_kernels", True)
-    with backend.array_code_only():
-        assert not backend.cuda_kernels_enabled()
-        with backend.array_code_only():
-            assert not backend.cuda_kernels_enabled()
-        assert not backend.cuda_kernels_enabled()
-    assert backend.cuda_kernels_enabled()
-    with pytest.raises(KeyError):
-        with backend.array_code_only():
-            raise KeyError("inside")
-    assert backend.cuda_kernels_enabled()
-
-
-# ============================================================================ dispatch sites
-
-def test_max_pool_forward_dispatch(on_fake_gpu, rng):
-    x = images(rng)
-    for return_argmax in (True, False):
-        out = pooling.max_pool2d_forward(x, (2, 3), (1, 2), "same", return_argmax)
-        assert out == ("result of", "max_pool2d_forward_gpu")
-        name, args = on_fake_gpu.calls[-1]
-        assert args == {"x": x, "pool_size": (2, 3), "strides": (1, 2), "padding": "same",
-                        "return_argmax": return_argmax}
-        assert args["x"] is x
-
-
-def test_max_pool_backward_stays_array_code(on_fake_gpu, rng):
-    x = images(rng)
-    with backend.array_code_only():
-        y, argmax = pooling.max_pool2d_forward(x, 2)
-    dx = pooling.max_pool2d_backward(np.ones_like(y), argmax, x.shape, 2)
-    assert on_fake_gpu.calls == []
-    assert dx.shape == x.shape and dx.sum() == y.size
-
-
-def test_upsample_dispatch(on_fake_gpu, rng):
-    x = images(rng)
-    assert pooling.upsample2d_forward(x, 2, "Bilinear") == ("result of", "upsample2d_forward_gpu")
-    assert on_fake_gpu.calls[-1][1] == {"x": x, "size": (2, 2), "interpolation": "bilinear"}
-    dy = images(rng, (2, 10, 18, 3))
-    assert pooling.upsample2d_backward(dy, (2, 3)) == ("result of", "upsample2d_backward_gpu")
-    assert on_fake_gpu.calls[-1][1] == {"dy": dy, "size": (2, 3), "interpolation": "nearest"}
-
-
-def test_batch_norm_dispatch(on_fake_gpu, rng):
-    x = images(rng)
-    gamma, beta = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
-    mean, var = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32) + 0.5
-    assert normalization.batch_norm_forward_training(x, gamma, beta, 1e-2) == \
-        ("result of", "batch_norm_forward_training_gpu")
-    args = on_fake_gpu.calls[-1][1]
-    assert list(args) == ["x", "gamma", "beta", "epsilon"]
-    assert args["x"] is x and args["epsilon"] == 1e-2
-    np.testing.assert_array_equal(args["gamma"], gamma)
-    np.testing.assert_array_equal(args["beta"], beta)
-
-    normalization.batch_norm_forward_inference(x, mean, var, gamma, None, 1e-3)
-    name, args = on_fake_gpu.calls[-1]
-    assert name == "batch_norm_forward_inference_gpu"
-    assert list(args) == ["x", "moving_mean", "moving_var", "gamma", "beta", "epsilon"]
-    assert args["moving_mean"] is mean and args["moving_var"] is var and args["beta"] is None
-
-    centered, inv_std = x - x.mean(axis=(0, 1, 2)), np.ones(3, np.float32)
-    normalization.batch_norm_backward(x, centered, inv_std, gamma)
-    name, args = on_fake_gpu.calls[-1]
-    assert name == "batch_norm_backward_gpu"
-    assert args == {"dy": x, "x_centered": centered, "inv_std": inv_std, "gamma": gamma}
-
-
-def test_batch_norm_checks_run_before_the_dispatch(on_fake_gpu, rng):
-    with pytest.raises(ValueError, match="batch_norm: gamma of shape"):
-        normalization.batch_norm_forward_training(images(rng), np.ones(4, np.float32))
-    with pytest.raises(TypeError, match="floating point"):
-        normalization.batch_norm_forward_training(np.zeros((2, 3), np.int64))
-    assert on_fake_gpu.calls == []
-
-
-def test_sparse_cross_entropy_dispatch_only_from_logits(on_fake_gpu, rng):
-    logits, labels = logits_and_labels(rng)
-    weight = rng.random(3).astype(np.float32)
-    valid = rng.random(labels.shape) > 0.3
-    assert losses.sparse_categorical_crossentropy_forward(labels, logits, True, weight, valid) == \
-        ("result of", "sparse_categorical_crossentropy_forward_gpu")
-    assert on_fake_gpu.calls[-1][1] == {"labels": labels, "output": logits, "from_logits": True,
-                                        "class_weight": weight, "valid": valid}
-    saved = (True, labels, logits, None, None, None)
-    grad = np.ones(labels.shape, np.float32)
-    assert losses.sparse_categorical_crossentropy_backward(grad, saved) == \
-        ("result of", "sparse_categorical_crossentropy_backward_gpu")
-    assert on_fake_gpu.calls[-1][1] == {"grad": grad, "saved": saved}
-    calls = len(on_fake_gpu.calls)
-    probabilities = np.full(logits.shape, 1 / 3, np.float32)      # probabilities: array code
-    values, saved = losses.sparse_categorical_crossentropy_forward(labels, probabilities, False)
-    losses.sparse_categorical_crossentropy_backward(np.ones_like(values), saved)
-    assert len(on_fake_gpu.calls) == calls
-    np.testing.assert_allclose(values, np.log(3.0), rtol=1e-6)
-
-
-def test_switched_off_the_array_code_runs_on_the_stand_in(on_fake_gpu, rng):
-    """With the CUDA kernels off, the same functions run their array code on the non-numpy
-    module and give the NumPy results."""
-    x = images(rng)
-    logits, labels = logits_and_labels(rng)
-    with backend.array_code_only():
-        y, argmax = pooling.max_pool2d_forward(x, 2, None, "same")
-        up = pooling.upsample2d_forward(x, 2, "bilinear")
-        bn = normalization.batch_norm_forward_training(x)
-        values, _ = losses.sparse_categorical_crossentropy_forward(labels, logits, True)
-    assert on_fake_gpu.calls == []
-    y_ref, argmax_ref = pooling.max_pool2d_reference(x, 2, None, "same")
-    np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_array_equal(argmax, argmax_ref)
-    np.testing.assert_allclose(up, pooling.upsample2d_reference(x, 2, "bilinear"), rtol=1e-5)
-    np.testing.assert_allclose(bn[0].mean(axis=(0, 1, 2)), 0, atol=1e-5)
-    np.testing.assert_allclose(
-        values, losses.sparse_categorical_crossentropy_reference(labels, logits, True), rtol=1e-5)
 
 
 # ======================================================================== same results on a device
@@ -242,22 +70,32 @@ def test_dispatched_kernels_return_what_numpy_returns(device, rng, dtype):
     logits, labels = logits_and_labels(rng, dtype=dtype)
     valid = rng.random(labels.shape) > 0.3
     weight = rng.uniform(0.5, 2, 3).astype(dtype)
+    w, b = images(rng, (3, 3, 4, 2), dtype), images(rng, (2,), dtype)
+    w_t = images(rng, (3, 3, 2, 4), dtype)
     d = (lambda a: None if a is None else to_device(a, device))
     cases = [
-        ("max pool", pooling.max_pool2d_forward, (x, 3, 2, "same")),
-        ("max pool y only", pooling.max_pool2d_forward, (x, 2, None, "valid", False)),
-        ("upsample nearest", pooling.upsample2d_forward, (x, (2, 3), "nearest")),
-        ("upsample bilinear", pooling.upsample2d_forward, (x, 2, "bilinear")),
-        ("upsample backward", pooling.upsample2d_backward, (x, (1, 2), "bilinear")),
-        ("bn train", normalization.batch_norm_forward_training, (x, gamma, beta, 1e-3)),
-        ("bn inference", normalization.batch_norm_forward_inference,
-         (x, gamma, gamma + 1, gamma, beta, 1e-3)),
-        ("ce forward", losses.sparse_categorical_crossentropy_forward,
-         (labels, logits, True, weight, valid)),
+        ("max pool", dispatch.max_pool2d_forward, (x,), dict(pool_size=3, strides=2,
+                                                             padding="same")),
+        ("max pool y only", dispatch.max_pool2d_forward, (x,), dict(return_argmax=False)),
+        ("upsample nearest", dispatch.upsample2d_forward, (x,), dict(size=(2, 3))),
+        ("upsample bilinear", dispatch.upsample2d_forward, (x,),
+         dict(size=2, interpolation="bilinear")),
+        ("upsample backward", dispatch.upsample2d_backward, (x,),
+         dict(size=(1, 2), interpolation="bilinear")),
+        ("bn train", dispatch.batch_norm_forward_training, (x, gamma, beta), dict(epsilon=1e-3)),
+        ("bn inference", dispatch.batch_norm_forward_inference, (x, gamma, gamma + 1, gamma, beta),
+         dict(epsilon=1e-3)),
+        ("ce forward", dispatch.sparse_categorical_crossentropy_forward,
+         (labels, logits, weight, valid), dict(from_logits=True)),
+        ("conv", dispatch.conv2d_forward, (x, w, b), dict(strides=(2, 1), padding="same")),
+        ("conv dx", dispatch.conv2d_transpose, (x, w_t), dict(output_size=(13, 6),
+                                                              strides=(2, 1), padding="same")),
+        ("conv dw", dispatch.conv2d_backward_filter, (x, x[:, :, :, :1]),
+         dict(kernel_size=(3, 3), padding="same")),
     ]
-    for what, fn, args in cases:
-        expected = fn(*args)
-        actual = fn(*(d(a) if isinstance(a, np.ndarray) else a for a in args))
+    for what, fn, args, kwargs in cases:
+        expected = fn(*args, **kwargs)
+        actual = fn(*(d(a) if isinstance(a, np.ndarray) else a for a in args), **kwargs)
         if what == "ce forward":          # the saved labels may be int32 on the GPU
             (values, saved), (values_np, saved_np) = actual, expected
             assert_same_structure(values, values_np, rtol, what)
@@ -269,30 +107,34 @@ def test_dispatched_kernels_return_what_numpy_returns(device, rng, dtype):
             assert_same_structure(to_numpy(saved[2])[kept], saved_np[2][kept], rtol,
                                   what + " softmax")
             assert_same_structure(saved[5], saved_np[5], rtol, what + " weight")
-            dz = losses.sparse_categorical_crossentropy_backward(d(values_np), saved)
-            dz_np = losses.sparse_categorical_crossentropy_backward(values_np, saved_np)
+            dz = dispatch.sparse_categorical_crossentropy_backward(d(values_np), saved)
+            dz_np = dispatch.sparse_categorical_crossentropy_backward(values_np, saved_np)
             assert_same_structure(dz, dz_np, rtol, "ce backward")
         else:
             assert_same_structure(actual, expected, rtol, what)
-    _, _, _, centered, inv_std = normalization.batch_norm_forward_training(x, gamma, beta)
+    _, _, _, centered, inv_std = dispatch.batch_norm_forward_training(x, gamma, beta)
     dy = images(rng, x.shape, dtype)
-    expected = normalization.batch_norm_backward(dy, centered, inv_std, gamma)
-    actual = normalization.batch_norm_backward(d(dy), d(centered), d(inv_std), d(gamma))
+    expected = dispatch.batch_norm_backward(dy, centered, inv_std, gamma)
+    actual = dispatch.batch_norm_backward(d(dy), d(centered), d(inv_std), d(gamma))
     assert_same_structure(actual, expected, rtol, "bn backward")
-    y_ref, argmax_ref = pooling.max_pool2d_reference(x, 3, 2, "same")      # and the twins
-    y, argmax = pooling.max_pool2d_forward(d(x), 3, 2, "same")
+    y_ref, argmax_ref = pooling.max_pool2d_reference(x, pool_size=3, strides=2, padding="same")
+    y, argmax = dispatch.max_pool2d_forward(d(x), pool_size=3, strides=2, padding="same")
     np.testing.assert_array_equal(to_numpy(y), y_ref)
     np.testing.assert_array_equal(to_numpy(argmax), argmax_ref)
 
 
 def test_cuda_kernels_and_array_code_agree(device, rng):
-    """On a GPU: the CUDA kernels against the NumPy code run on the same CuPy arrays."""
+    """On a GPU: the CUDA twins against the plain array code run on the same CuPy arrays."""
     x = to_device(images(rng, (2, 6, 6, 3)), device)
-    with backend.array_code_only():
-        twin = (pooling.max_pool2d_forward(x, 2), pooling.upsample2d_forward(x, 2, "bilinear"),
-                normalization.batch_norm_forward_training(x)[0])
-    mine = (pooling.max_pool2d_forward(x, 2), pooling.upsample2d_forward(x, 2, "bilinear"),
-            normalization.batch_norm_forward_training(x)[0])
+    w = to_device(images(rng, (3, 3, 3, 2)), device)
+
+    def run():
+        return (dispatch.max_pool2d_forward(x), dispatch.conv2d_forward(x, w, padding="same"),
+                dispatch.upsample2d_forward(x, size=2, interpolation="bilinear"),
+                dispatch.batch_norm_forward_training(x)[0])
+    with settings.override(cuda_kernels=False):
+        twin = run()
+    mine = run()
     for a, b in zip(mine, twin):
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert backend.device_of(u) == device
@@ -370,7 +212,7 @@ def test_gpu_dropout_generator_is_seeded_once_per_numpy_generator(monkeypatch):
     made = []
     monkeypatch.setattr(backend, "device_generator",
                         lambda seed: made.append(seed) or types.SimpleNamespace(seed=seed))
-    monkeypatch.setattr(A, "_DEVICE_GENERATORS", {})
+    monkeypatch.setattr(A, "DEVICE_GENERATORS", {})
     like = FakeGpuArray()
     mc.seed(7)
     first = A.device_generator_for(mc.rng.generator(), like)
@@ -384,7 +226,7 @@ def test_gpu_dropout_generator_is_seeded_once_per_numpy_generator(monkeypatch):
     assert other.seed != first.seed
     for i in range(40):                               # dropout(seed=...) makes one per call
         A.device_generator_for(np.random.default_rng(i), like)
-    assert len(A._DEVICE_GENERATORS) == A._MAX_DEVICE_GENERATORS
+    assert len(A.DEVICE_GENERATORS) == A.MAX_DEVICE_GENERATORS
     gpu_twin = types.SimpleNamespace(random=None)     # not a NumPy Generator: used as it is
     assert A.device_generator_for(gpu_twin, like) is gpu_twin
 
@@ -394,7 +236,7 @@ def test_dropout_repeats_under_seed_on_the_device(device):
     outputs = []
     for _ in range(2):
         mc.seed(11)
-        y = A.dropout(x, 0.25)
+        y = A.dropout(x, rate=0.25)
         assert backend.device_of(y.data) == device and y.dtype == np.float32
         outputs.append(to_numpy(y.data))
     np.testing.assert_array_equal(outputs[0], outputs[1])

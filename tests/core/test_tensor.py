@@ -102,20 +102,19 @@ def test_concatenate_and_stack(axis, sizes, data):
     assert mc.gradcheck(lambda *ts: fm.stack(ts, axis=axis) ** 2, *same)
 
 
-@pytest.mark.parametrize("threads", ["2", "3"])
-def test_large_concatenate_copies_in_image_groups(monkeypatch, threads):
+@pytest.mark.parametrize("threads", [2, 3])
+def test_large_concatenate_copies_in_image_groups(threads):
     """Large NumPy joins copy their images on the kernel threads (forced here on small ones):
     the values, the promoted dtype and every axis as np.concatenate."""
-    monkeypatch.setattr(fm, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setenv("MINICNN_NUM_THREADS", threads)
     rng = np.random.default_rng(0)
-    for axis in (-1, 1, 2, 0):
-        a = rng.standard_normal((5, 4, 3, 2))
-        b = rng.standard_normal((5, 4, 3, 2)).astype(np.float32)
-        joined = fm.concatenate([mc.Tensor(a), mc.Tensor(b)], axis=axis).data
-        expected = np.concatenate([a, b], axis=axis)
-        assert joined.dtype == expected.dtype
-        np.testing.assert_array_equal(joined, expected)
+    with mc.config.override(parallel_min_bytes=0, threads=threads):
+        for axis in (-1, 1, 2, 0):
+            a = rng.standard_normal((5, 4, 3, 2))
+            b = rng.standard_normal((5, 4, 3, 2)).astype(np.float32)
+            joined = fm.concatenate([mc.Tensor(a), mc.Tensor(b)], axis=axis).data
+            expected = np.concatenate([a, b], axis=axis)
+            assert joined.dtype == expected.dtype
+            np.testing.assert_array_equal(joined, expected)
 
 
 def test_concatenate_rejects_mismatch():

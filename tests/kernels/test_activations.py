@@ -1,5 +1,5 @@
-"""Activation and dropout kernels: fast == reference, gradients == central differences,
-stability at +-1e4, dropout statistics, bad inputs."""
+"""kernels.activations (the plain kernels): against the loops, gradients against central
+differences, stability at +-1e4, dropout statistics, bad inputs."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,10 +18,10 @@ dtypes = st.sampled_from([np.float32, np.float64])
 # name -> (forward, backward, backward takes "y" or "x", reference forward, reference backward)
 ELEMENTWISE = {
     "relu": (A.relu_forward, A.relu_backward, "y", A.relu_reference, A.relu_backward_reference),
-    "leaky_relu": (lambda x: A.leaky_relu_forward(x, 0.2),
-                   lambda dy, x: A.leaky_relu_backward(dy, x, 0.2), "x",
-                   lambda x: A.leaky_relu_reference(x, 0.2),
-                   lambda dy, x: A.leaky_relu_backward_reference(dy, x, 0.2)),
+    "leaky_relu": (lambda x: A.leaky_relu_forward(x, alpha=0.2),
+                   lambda dy, x: A.leaky_relu_backward(dy, x, alpha=0.2), "x",
+                   lambda x: A.leaky_relu_reference(x, alpha=0.2),
+                   lambda dy, x: A.leaky_relu_backward_reference(dy, x, alpha=0.2)),
     "sigmoid": (A.sigmoid_forward, A.sigmoid_backward, "y", A.sigmoid_reference,
                 A.sigmoid_backward_reference),
     "tanh": (A.tanh_forward, A.tanh_backward, "y", A.tanh_reference, A.tanh_backward_reference),
@@ -79,12 +79,13 @@ def test_axis_wise_fast_equals_reference(device, name, shape, dtype, seed, data)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    y = forward(to_device(x, device), axis)
+    y = forward(to_device(x, device), axis=axis)
     assert y.dtype == dtype
-    np.testing.assert_allclose(to_numpy(y), forward_ref(x, axis), **TOL[dtype])
-    dx = backward(to_device(dy, device), y, axis)
+    np.testing.assert_allclose(to_numpy(y), forward_ref(x, axis=axis), **TOL[dtype])
+    dx = backward(to_device(dy, device), y, axis=axis)
     assert dx.dtype == dtype
-    np.testing.assert_allclose(to_numpy(dx), backward_ref(dy, to_numpy(y), axis), **TOL[dtype])
+    np.testing.assert_allclose(to_numpy(dx), backward_ref(dy, to_numpy(y), axis=axis),
+                               **TOL[dtype])
 
 
 @pytest.mark.parametrize("name", AXIS_WISE)
@@ -95,8 +96,8 @@ def test_axis_wise_gradient(name, shape, seed, data):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * 2
     projection = rng.standard_normal(shape)
-    analytic = backward(projection, forward(x, axis), axis)
-    numeric = numerical_grad(lambda v: forward(v, axis), x, projection)
+    analytic = backward(projection, forward(x, axis=axis), axis=axis)
+    numeric = numerical_grad(lambda v: forward(v, axis=axis), x, projection)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
@@ -133,7 +134,7 @@ def test_known_values():
 @given(rate=st.floats(0.05, 0.9), dtype=dtypes, seed=st.integers(0, 2**16))
 def test_dropout_keeps_the_expected_fraction_scaled(device, rate, dtype, seed):
     shape = (20, 50, 10)
-    mask = A.dropout_mask(shape, rate, np.random.default_rng(seed), dtype,
+    mask = A.dropout_mask(shape, rate=rate, generator=np.random.default_rng(seed), dtype=dtype,
                           like=to_device(np.zeros(1), device))
     mask = to_numpy(mask)
     assert mask.dtype == dtype and mask.shape == shape
@@ -150,11 +151,13 @@ def test_dropout_keeps_the_expected_fraction_scaled(device, rate, dtype, seed):
 
 
 def test_dropout_repeats_with_a_seed_and_broadcasts_a_noise_shape():
-    a = A.dropout_mask((4, 5), 0.5, np.random.default_rng(3))
-    b = A.dropout_mask((4, 5), 0.5, np.random.default_rng(3))
+    a = A.dropout_mask((4, 5), rate=0.5, generator=np.random.default_rng(3))
+    b = A.dropout_mask((4, 5), rate=0.5, generator=np.random.default_rng(3))
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(A.dropout_mask((3, 3), 0.0, np.random.default_rng(0)), 1)
-    mask = A.dropout_mask((2, 1, 1, 3), 0.5, np.random.default_rng(0))    # whole channels
+    np.testing.assert_array_equal(
+        A.dropout_mask((3, 3), rate=0.0, generator=np.random.default_rng(0)), 1)
+    mask = A.dropout_mask((2, 1, 1, 3), rate=0.5,
+                          generator=np.random.default_rng(0))      # whole channels
     y = A.dropout_forward(np.ones((2, 4, 4, 3), np.float32), mask)
     assert np.all(y == y[:, :1, :1, :])
     np.testing.assert_array_equal(A.dropout_reference(np.ones((2, 4, 4, 3), np.float32), mask), y)
@@ -166,13 +169,13 @@ def test_dropout_repeats_with_a_seed_and_broadcasts_a_noise_shape():
 def test_bad_inputs_raise():
     g = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got 1.0"):
-        A.dropout_mask((2, 2), 1.0, g)
+        A.dropout_mask((2, 2), rate=1.0, generator=g)
     with pytest.raises(ValueError, match="rate must be in"):
-        A.dropout_mask((2, 2), -0.1, g)
+        A.dropout_mask((2, 2), rate=-0.1, generator=g)
     with pytest.raises(TypeError, match="rate must be a float"):
-        A.dropout_mask((2, 2), "half", g)
+        A.dropout_mask((2, 2), rate="half", generator=g)
     with pytest.raises(TypeError, match="generator must be"):
-        A.dropout_mask((2, 2), 0.5, 42)
+        A.dropout_mask((2, 2), rate=0.5, generator=42)
     with pytest.raises(ValueError, match=r"mask of shape \(3, 2\) does not match input of shape"):
         A.dropout_forward(np.ones((2, 2)), np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"softmax: axis 2 is out of range .* \(3, 4\)"):
@@ -183,22 +186,3 @@ def test_bad_inputs_raise():
         A.leaky_relu_forward(np.ones(3), alpha=-0.1)
     with pytest.raises(ValueError, match=r"relu_backward: gradient shape \(2,\) differs"):
         A.relu_backward(np.ones(2), np.ones(3))
-
-
-@pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_relu_in_blocks_on_threads_equals_reference(monkeypatch, threads):
-    """Large arrays run in blocks on the thread pool: tiny blocks force that path (several
-    blocks per thread, a ragged last block, a non-contiguous input)."""
-    monkeypatch.setattr(A, "ELEMENTWISE_BLOCK_BYTES", 40)
-    monkeypatch.setenv("MINICNN_NUM_THREADS", threads)
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((3, 7, 5, 4))[:, ::2]                # (3, 4, 5, 4), not contiguous
-    x[0, 0, 0] = 0.0
-    y = A.relu_forward(x)
-    assert y.flags.c_contiguous
-    np.testing.assert_array_equal(y, A.relu_reference(x))
-    dy = rng.standard_normal(y.shape).astype(np.float32)
-    y32 = y.astype(np.float32)
-    dx = A.relu_backward(dy, y32)
-    assert dx.dtype == np.float32
-    np.testing.assert_array_equal(dx, A.relu_backward_reference(dy, y32))

@@ -21,12 +21,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kernels import backend, conv2d, losses, normalization, pooling
+from kernels import backend, conv2d, losses, normalization, pooling, upsampling
 from kernels import cuda
 from kernels.backend import to_device, to_numpy
 from kernels.cuda import batchnorm as cuda_bn
 from kernels.cuda import pool as cuda_pool
 from kernels.cuda import runtime
+from kernels.shapes import conv_geometry
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = sorted(cuda.SOURCE_DIR.glob("*.cu"))
@@ -98,19 +99,23 @@ def test_importing_kernels_cuda_does_not_import_cupy():
 # ============================================================================ wrappers (CPU)
 
 @pytest.mark.parametrize("call", [
-    lambda x: cuda.im2col_gpu(x, conv2d.conv_geometry("t", (4, 4), (3, 3))),
+    lambda x: cuda.im2col_gpu(x, conv_geometry("t", (4, 4), (3, 3))),
     lambda x: cuda.col2im_gpu(np.zeros((1, 2, 2, 3, 3, 2)), x.shape,
-                              conv2d.conv_geometry("t", (4, 4), (3, 3))),
+                              conv_geometry("t", (4, 4), (3, 3))),
+    lambda x: cuda.conv2d_forward_gpu(x, np.zeros((3, 3, 2, 1))),
+    lambda x: cuda.conv2d_transpose_gpu(x, np.zeros((3, 3, 1, 2)), output_size=(6, 6)),
+    lambda x: cuda.conv2d_backward_filter_gpu(x, np.zeros((1, 2, 2, 1)), kernel_size=(3, 3)),
     lambda x: cuda.max_pool2d_forward_gpu(x),
-    lambda x: cuda.max_pool2d_backward_gpu(x[:, :2, :2], np.zeros((1, 2, 2, 2), np.uint8), x.shape),
-    lambda x: cuda.upsample2d_forward_gpu(x, 2, "bilinear"),
-    lambda x: cuda.upsample2d_backward_gpu(x, 2, "bilinear"),
+    lambda x: cuda.max_pool2d_backward_gpu(x[:, :2, :2], np.zeros((1, 2, 2, 2), np.uint8),
+                                           input_size=(4, 4)),
+    lambda x: cuda.upsample2d_forward_gpu(x, size=2, interpolation="bilinear"),
+    lambda x: cuda.upsample2d_backward_gpu(x, size=2, interpolation="bilinear"),
     lambda x: cuda.batch_norm_forward_training_gpu(x),
     lambda x: cuda.batch_norm_forward_inference_gpu(x, np.zeros(2), np.ones(2)),
     lambda x: cuda.batch_norm_backward_gpu(x, x, np.ones(2)),
     lambda x: cuda.softmax_cross_entropy_gpu(x, np.zeros(x.shape[:-1], np.int64)),
     lambda x: cuda.sparse_categorical_crossentropy_forward_gpu(np.zeros(x.shape[:-1], np.int64),
-                                                               x, True),
+                                                               x, from_logits=True),
 ])
 def test_wrappers_refuse_numpy_arrays(call):
     with pytest.raises(TypeError, match="must be a CuPy array"):
@@ -218,7 +223,7 @@ def kernel_signatures():
 @pytest.fixture
 def launches(monkeypatch):
     """Record (source, name, grid, block, args) of every launch instead of running it."""
-    monkeypatch.setattr(backend, "_cupy", FakeCupy())
+    monkeypatch.setattr(backend, "get_array_module", lambda *arrays: FakeCupy())
     record = []
 
     def fake_kernel(source, name):
@@ -231,35 +236,52 @@ def launch_scenarios(dtype):
     """(what, CUDA wrapper call, NumPy twin call): the twin gives the expected shapes/dtypes."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 8, 3)).astype(dtype)
-    g = conv2d.conv_geometry("t", (9, 8), (3, 2), (2, 1), (1, 2), "same")
+    g = conv_geometry("t", (9, 8), (3, 2), strides=(2, 1), dilation=(1, 2), padding="same")
     cols = conv2d.im2col(x, g)
-    y_pool, argmax = pooling.max_pool2d_forward(x, 2, 1, "same")
-    y_big, argmax_big = pooling.max_pool2d_forward(x, (9, 8))
+    y_pool, argmax = pooling.max_pool2d_forward(x, pool_size=2, strides=1, padding="same")
+    y_big, argmax_big = pooling.max_pool2d_forward(x, pool_size=(9, 8))
+    w = rng.standard_normal((3, 2, 3, 4)).astype(dtype)
+    y_conv = conv2d.conv2d_forward(x, w, strides=(2, 1), dilation=(1, 2), padding="same")
     gamma, beta = np.ones(3, dtype), np.zeros(3, dtype)
     bn = normalization.batch_norm_forward_training(x, gamma, beta)
     labels, valid = rng.integers(0, 3, (2, 9, 8)), rng.random((2, 9, 8)) > 0.5
     weight = np.ones(3, dtype)
-    sce = losses.sparse_categorical_crossentropy_forward(labels, x, True, weight, valid)
+    sce = losses.sparse_categorical_crossentropy_forward(labels, x, weight, valid, from_logits=True)
     sce_gpu = (True, fake(labels.astype(np.int32)), fake(sce[1][2]), None, None, fake(sce[1][5]))
     g_rows = np.ones((2, 9, 8), dtype)
     return [
         ("im2col", lambda: cuda.im2col_gpu(fake(x), g), lambda: conv2d.im2col(x, g)),
         ("col2im", lambda: cuda.col2im_gpu(fake(cols), x.shape, g),
          lambda: conv2d.col2im(cols, x.shape, g)),
-        ("max pool", lambda: cuda.max_pool2d_forward_gpu(fake(x), 2, 1, "same"),
+        ("conv forward", lambda: cuda.conv2d_forward_gpu(fake(x), fake(w), strides=(2, 1),
+                                                         dilation=(1, 2), padding="same"),
+         lambda: y_conv),
+        ("conv transpose", lambda: cuda.conv2d_transpose_gpu(
+            fake(y_conv), fake(w), output_size=(9, 8), strides=(2, 1), dilation=(1, 2),
+            padding="same"), lambda: x),
+        ("conv filter gradient", lambda: cuda.conv2d_backward_filter_gpu(
+            fake(x), fake(y_conv), kernel_size=(3, 2), strides=(2, 1), dilation=(1, 2),
+            padding="same"), lambda: w),
+        ("max pool", lambda: cuda.max_pool2d_forward_gpu(fake(x), pool_size=2, strides=1,
+                                                         padding="same"),
          lambda: (y_pool, argmax)),
-        ("max pool int32", lambda: cuda.max_pool2d_forward_gpu(fake(x), (9, 8)),
+        ("max pool int32", lambda: cuda.max_pool2d_forward_gpu(fake(x), pool_size=(9, 8)),
          lambda: (y_big, argmax_big)),
-        ("max pool dx", lambda: cuda.max_pool2d_backward_gpu(fake(y_pool), fake(argmax), x.shape,
-                                                             2, 1, "same"),
-         lambda: pooling.max_pool2d_backward(y_pool, argmax, x.shape, 2, 1, "same")),
+        ("max pool dx", lambda: cuda.max_pool2d_backward_gpu(fake(y_pool), fake(argmax),
+                                                             input_size=(9, 8), pool_size=2,
+                                                             strides=1, padding="same"),
+         lambda: pooling.max_pool2d_backward(y_pool, argmax, input_size=(9, 8), pool_size=2,
+                                             strides=1, padding="same")),
         ("max pool dx int32", lambda: cuda.max_pool2d_backward_gpu(fake(y_big), fake(argmax_big),
-                                                                   x.shape, (9, 8)),
-         lambda: pooling.max_pool2d_backward(y_big, argmax_big, x.shape, (9, 8))),
-        ("upsample", lambda: cuda.upsample2d_forward_gpu(fake(x), (2, 3), "bilinear"),
-         lambda: pooling.upsample2d_forward(x, (2, 3), "bilinear")),
-        ("upsample dx", lambda: cuda.upsample2d_backward_gpu(fake(x), (3, 2), "nearest"),
-         lambda: pooling.upsample2d_backward(x, (3, 2), "nearest")),
+                                                                   input_size=(9, 8),
+                                                                   pool_size=(9, 8)),
+         lambda: pooling.max_pool2d_backward(y_big, argmax_big, input_size=(9, 8),
+                                             pool_size=(9, 8))),
+        ("upsample", lambda: cuda.upsample2d_forward_gpu(fake(x), size=(2, 3),
+                                                         interpolation="bilinear"),
+         lambda: upsampling.upsample2d_forward(x, size=(2, 3), interpolation="bilinear")),
+        ("upsample dx", lambda: cuda.upsample2d_backward_gpu(fake(x), size=(3, 2)),
+         lambda: upsampling.upsample2d_backward(x, size=(3, 2))),
         ("batch norm", lambda: cuda.batch_norm_forward_training_gpu(fake(x), fake(gamma),
                                                                     fake(beta)),
          lambda: bn),
@@ -278,7 +300,8 @@ def launch_scenarios(dtype):
             fake(x), fake(labels), 2, fake(weight)),
          lambda: (sce[0], losses.sparse_categorical_crossentropy_backward(g_rows, sce[1]))),
         ("cross-entropy", lambda: cuda.sparse_categorical_crossentropy_forward_gpu(
-            fake(labels), fake(x), True, fake(weight), fake(valid))[0], lambda: sce[0]),
+            fake(labels), fake(x), fake(weight), fake(valid), from_logits=True)[0],
+         lambda: sce[0]),
         ("cross-entropy dz", lambda: cuda.sparse_categorical_crossentropy_backward_gpu(
             fake(g_rows), sce_gpu),
          lambda: losses.sparse_categorical_crossentropy_backward(g_rows, sce[1])),
@@ -325,7 +348,8 @@ def conv_cases(draw):
     pair = st.tuples(st.integers(0, 3), st.integers(0, 3))
     padding = draw(st.one_of(st.sampled_from(["valid", "same"]), st.tuples(pair, pair)))
     try:
-        geometry = conv2d.conv_geometry("test", shape[1:3], kernel, strides, dilation, padding)
+        geometry = conv_geometry("test", shape[1:3], kernel, strides=strides, dilation=dilation,
+                                 padding=padding)
     except ValueError:
         assume(False)
     return shape, geometry
@@ -352,11 +376,36 @@ def test_col2im_equals_numpy(device, case, dtype, seed):
     assert_close(dx, conv2d.col2im(cols, shape, g), dtype, "col2im")
 
 
+@GPU_SETTINGS
+@given(case=conv_cases(), channels=st.integers(1, 3), dtype=DTYPES, seed=st.integers(0, 2**16))
+def test_conv_kernels_equal_the_plain_ones(device, case, channels, dtype, seed):
+    """conv2d_forward_gpu, conv2d_transpose_gpu and conv2d_backward_filter_gpu against the plain
+    kernels of kernels.conv2d (which they replace for CuPy arrays)."""
+    gpu_only(device)
+    shape, g = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((*g.kernel_hw, shape[3], channels)).astype(dtype)
+    b = rng.standard_normal(channels).astype(dtype)
+    settings_ = dict(strides=g.strides, dilation=g.dilation, padding=g.pads)
+    y = conv2d.conv2d_forward(x, w, b, **settings_)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    d = (lambda a: to_device(a, device))
+    assert_close(cuda.conv2d_forward_gpu(d(x), d(w), d(b), **settings_), y, dtype, "forward")
+    assert_close(cuda.conv2d_transpose_gpu(d(gy), d(w), output_size=shape[1:3], **settings_),
+                 conv2d.conv2d_transpose(gy, w, output_size=shape[1:3], **settings_), dtype,
+                 "transpose")
+    assert_close(cuda.conv2d_backward_filter_gpu(d(x), d(gy), kernel_size=g.kernel_hw,
+                                                 **settings_),
+                 conv2d.conv2d_backward_filter(x, gy, kernel_size=g.kernel_hw, **settings_),
+                 dtype, "filter gradient")
+
+
 def test_im2col_col2im_cover_more_items_than_one_grid(device):
     """More elements than MAX_BLOCKS * THREADS: the grid-stride loops must reach all of them."""
     gpu_only(device)
     x = np.random.default_rng(0).standard_normal((4, 40, 40, 40)).astype(np.float32)
-    g = conv2d.conv_geometry("test", (40, 40), (3, 3), (1, 1), (1, 1), "same")
+    g = conv_geometry("test", (40, 40), (3, 3), padding="same")
     assert x.size * 9 > runtime.MAX_BLOCKS * runtime.THREADS
     cols = cuda.im2col_gpu(to_device(x, device), g)
     np.testing.assert_array_equal(to_numpy(cols), conv2d.im2col(x, g))
@@ -366,7 +415,7 @@ def test_im2col_col2im_cover_more_items_than_one_grid(device):
 
 def test_conv_wrappers_check_shapes(device):
     gpu_only(device)
-    g = conv2d.conv_geometry("test", (5, 5), (3, 3))
+    g = conv_geometry("test", (5, 5), (3, 3))
     with pytest.raises(ValueError, match="im2col_gpu: x of shape"):
         cuda.im2col_gpu(to_device(np.zeros((1, 6, 5, 2), np.float32), device), g)
     with pytest.raises(ValueError, match="col2im_gpu: cols of shape"):
@@ -384,7 +433,8 @@ def pool_cases(draw):
     strides = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
     padding = draw(st.sampled_from(["valid", "same"]))
     try:
-        pooling.max_pool2d_forward(np.zeros(shape), pool, strides, padding, return_argmax=False)
+        pooling.max_pool2d_forward(np.zeros(shape), pool_size=pool, strides=strides,
+                                   padding=padding, return_argmax=False)
     except ValueError:
         assume(False)
     return shape, pool, strides, padding
@@ -396,24 +446,25 @@ def test_max_pool_equals_numpy(device, case, dtype, seed, ties):
     """y and argmax exactly (ties -> the first cell in row-major window order); dx to tolerance."""
     gpu_only(device)
     shape, pool, strides, padding = case
+    kw = dict(pool_size=pool, strides=strides, padding=padding)
     rng = np.random.default_rng(seed)
     x = (rng.integers(-2, 3, shape) if ties else rng.standard_normal(shape)).astype(dtype)
-    y, argmax = cuda.max_pool2d_forward_gpu(to_device(x, device), pool, strides, padding)
-    y_np, argmax_np = pooling.max_pool2d_forward(x, pool, strides, padding)
+    y, argmax = cuda.max_pool2d_forward_gpu(to_device(x, device), **kw)
+    y_np, argmax_np = pooling.max_pool2d_forward(x, **kw)
     np.testing.assert_array_equal(to_numpy(y), y_np)
     np.testing.assert_array_equal(to_numpy(argmax), argmax_np)
     assert argmax.dtype == argmax_np.dtype
     dy = rng.standard_normal(y_np.shape).astype(dtype)
-    dx = cuda.max_pool2d_backward_gpu(to_device(dy, device), argmax, shape, pool, strides, padding)
-    assert_close(dx, pooling.max_pool2d_backward(dy, argmax_np, shape, pool, strides, padding),
+    dx = cuda.max_pool2d_backward_gpu(to_device(dy, device), argmax, input_size=shape[1:3], **kw)
+    assert_close(dx, pooling.max_pool2d_backward(dy, argmax_np, input_size=shape[1:3], **kw),
                  dtype, "max pool dx")
 
 
 def test_max_pool_large_windows_use_int32_argmax(device):
     gpu_only(device)
     x = np.random.default_rng(1).standard_normal((1, 20, 20, 2))
-    y, argmax = cuda.max_pool2d_forward_gpu(to_device(x, device), (17, 17), 3)
-    y_np, argmax_np = pooling.max_pool2d_forward(x, (17, 17), 3)
+    y, argmax = cuda.max_pool2d_forward_gpu(to_device(x, device), pool_size=(17, 17), strides=3)
+    y_np, argmax_np = pooling.max_pool2d_forward(x, pool_size=(17, 17), strides=3)
     assert argmax.dtype == np.int32
     np.testing.assert_array_equal(to_numpy(argmax), argmax_np)
     np.testing.assert_array_equal(to_numpy(y), y_np)
@@ -422,10 +473,10 @@ def test_max_pool_large_windows_use_int32_argmax(device):
 def test_max_pool_wrappers_check_shapes(device):
     gpu_only(device)
     dy = to_device(np.zeros((1, 2, 2, 3), np.float32), device)
-    with pytest.raises(ValueError, match="max_pool2d_backward_gpu: dy of shape"):
-        cuda.max_pool2d_backward_gpu(dy, dy.astype(np.uint8), (1, 6, 6, 3))
+    with pytest.raises(ValueError, match="max_pool2d_backward_gpu: dy must have the shape"):
+        cuda.max_pool2d_backward_gpu(dy, dy.astype(np.uint8), input_size=(6, 6))
     with pytest.raises(ValueError, match="max_pool2d_forward_gpu"):
-        cuda.max_pool2d_forward_gpu(to_device(np.zeros((1, 1, 1, 1)), device), 2)
+        cuda.max_pool2d_forward_gpu(to_device(np.zeros((1, 1, 1, 1)), device), pool_size=2)
 
 
 @GPU_SETTINGS
@@ -437,23 +488,27 @@ def test_upsample_equals_numpy(device, shape, size, interpolation, dtype, seed):
     gpu_only(device)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(dtype)
-    y = cuda.upsample2d_forward_gpu(to_device(x, device), size, interpolation)
-    y_np = pooling.upsample2d_forward(x, size, interpolation)
+    y = cuda.upsample2d_forward_gpu(to_device(x, device), size=size, interpolation=interpolation)
+    y_np = upsampling.upsample2d_forward(x, size=size, interpolation=interpolation)
     assert_close(y, y_np, dtype, f"upsample {interpolation}")
     dy = rng.standard_normal(y_np.shape).astype(dtype)
-    dx = cuda.upsample2d_backward_gpu(to_device(dy, device), size, interpolation)
-    assert_close(dx, pooling.upsample2d_backward(dy, size, interpolation), dtype,
+    dx = cuda.upsample2d_backward_gpu(to_device(dy, device), size=size,
+                                      interpolation=interpolation)
+    assert_close(dx, upsampling.upsample2d_backward(dy, size=size, interpolation=interpolation),
+                 dtype,
                  f"upsample {interpolation} dx")
 
 
 def test_bilinear_aliases(device):
     gpu_only(device)
     x = np.random.default_rng(2).standard_normal((2, 3, 4, 2))
-    assert_close(cuda.upsample_bilinear_gpu(to_device(x, device), (2, 3)),
-                 pooling.upsample2d_forward(x, (2, 3), "bilinear"), np.float64)
+    assert_close(cuda.upsample_bilinear_gpu(to_device(x, device), size=(2, 3)),
+                 upsampling.upsample2d_forward(x, size=(2, 3), interpolation="bilinear"),
+                 np.float64)
     dy = np.random.default_rng(3).standard_normal((2, 6, 12, 2))
-    assert_close(cuda.upsample_bilinear_backward_gpu(to_device(dy, device), (2, 3)),
-                 pooling.upsample2d_backward(dy, (2, 3), "bilinear"), np.float64)
+    assert_close(cuda.upsample_bilinear_backward_gpu(to_device(dy, device), size=(2, 3)),
+                 upsampling.upsample2d_backward(dy, size=(2, 3), interpolation="bilinear"),
+                 np.float64)
 
 
 @GPU_SETTINGS
@@ -470,8 +525,9 @@ def test_batch_norm_equals_numpy(device, shape, dtype, offset, affine, seed):
     gamma = rng.uniform(0.5, 1.5, shape[-1]).astype(dtype) if affine else None
     beta = rng.standard_normal(shape[-1]).astype(dtype) if affine else None
     on_gpu = (lambda a: None if a is None else to_device(a, device))
-    got = cuda.batch_norm_forward_training_gpu(on_gpu(x), on_gpu(gamma), on_gpu(beta), 1e-3)
-    want = normalization.batch_norm_forward_training(x, gamma, beta, 1e-3)
+    got = cuda.batch_norm_forward_training_gpu(on_gpu(x), on_gpu(gamma), on_gpu(beta),
+                                               epsilon=1e-3)
+    want = normalization.batch_norm_forward_training(x, gamma, beta, epsilon=1e-3)
     for name, a, b in zip(("y", "mean", "var", "x_centered", "inv_std"), got, want):
         assert_close(a, b, dtype, f"batch norm {name}")
     x_hat = cuda.batch_norm_forward_training_gpu(on_gpu(x), save="x_hat")[3]
@@ -488,9 +544,9 @@ def test_batch_norm_equals_numpy(device, shape, dtype, offset, affine, seed):
     moving_mean = rng.standard_normal(shape[-1]).astype(dtype) + offset
     moving_var = rng.uniform(0.5, 2, shape[-1]).astype(dtype)
     y = cuda.batch_norm_forward_inference_gpu(on_gpu(x), on_gpu(moving_mean), on_gpu(moving_var),
-                                              on_gpu(gamma), on_gpu(beta), 1e-3)
+                                              on_gpu(gamma), on_gpu(beta), epsilon=1e-3)
     assert_close(y, normalization.batch_norm_forward_inference(
-        x, moving_mean, moving_var, gamma, beta, 1e-3), dtype, "batch norm inference")
+        x, moving_mean, moving_var, gamma, beta, epsilon=1e-3), dtype, "batch norm inference")
 
 
 def test_batch_norm_many_rows_and_column_tiles(device):
@@ -516,7 +572,7 @@ def test_batch_norm_statistics_survive_a_large_mean(device):
     gpu_only(device)
     rng = np.random.default_rng(6)
     x = 1e6 + rng.standard_normal((4, 16, 16, 5)) * rng.uniform(0.5, 2, 5)
-    mean, var, inv_std = cuda.batch_norm_statistics_gpu(to_device(x, device), 1e-3)
+    mean, var, inv_std = cuda.batch_norm_statistics_gpu(to_device(x, device), epsilon=1e-3)
     flat = x.reshape(-1, 5)
     exact_mean = flat.mean(axis=0)
     exact_var = ((flat - exact_mean) ** 2).mean(axis=0)           # two-pass, float64
@@ -561,13 +617,13 @@ def test_softmax_cross_entropy_equals_numpy(device, shape, classes, dtype, ignor
     valid = rng.random(shape) > 0.3 if ignore else None
     class_weight = rng.uniform(0.5, 2, classes).astype(dtype) if weighted else None
     values_np, saved_np = losses.sparse_categorical_crossentropy_forward(
-        labels, logits, True, class_weight, valid)
+        labels, logits, class_weight, valid, from_logits=True)
     g = rng.standard_normal(shape).astype(dtype)
     dz_np = losses.sparse_categorical_crossentropy_backward(g, saved_np)
 
     on_gpu = (lambda a: None if a is None else to_device(a, device))
     values, saved = cuda.sparse_categorical_crossentropy_forward_gpu(
-        on_gpu(labels), on_gpu(logits), True, on_gpu(class_weight), on_gpu(valid))
+        on_gpu(labels), on_gpu(logits), on_gpu(class_weight), on_gpu(valid), from_logits=True)
     assert_close(values, values_np, dtype, "values")
     assert_close(cuda.sparse_categorical_crossentropy_backward_gpu(on_gpu(g), saved), dz_np,
                  dtype, "dz (CUDA backward)")

@@ -1,24 +1,20 @@
-"""kernels.losses: fast kernels against their loop twins, closed-form gradients against central
-differences (float64), extreme inputs, dtypes, and Keras' reduction rules."""
+"""kernels.losses: the kernels against their loop twins, closed-form gradients against central
+differences (float64), extreme inputs and dtypes (the Dice losses and the reduction included)."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from kernels import dice as D
 from kernels import losses as K
+from kernels import reduction as R
 from kernels.backend import to_device, to_numpy
-from minicnn.gradcheck import numerical_gradient as numeric_gradient
+
+from helpers import check_kernel_gradient, one_hot_np
 
 LEADING = st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple)
 CLASSES = st.integers(2, 4)
 
 
-def check_kernel_gradient(forward, backward, x, seed=0, atol=1e-7, rtol=1e-5):
-    """backward(r, saved) against d/dx sum(forward(x) * r) for a fixed random r."""
-    values, saved = forward(x.copy())
-    r = np.random.default_rng(seed).standard_normal(np.shape(values))
-    analytic = backward(np.asarray(r), saved)
-    numeric = numeric_gradient(lambda z: float(np.sum(forward(z)[0] * r)), x.copy())
-    np.testing.assert_allclose(analytic, numeric, atol=atol, rtol=rtol)
 
 
 def probabilities(rng, shape, low=0.05):
@@ -27,10 +23,6 @@ def probabilities(rng, shape, low=0.05):
 
 def labels_for(rng, shape, n_classes):
     return rng.integers(0, n_classes, size=shape)
-
-
-def one_hot_np(labels, n_classes):
-    return np.eye(n_classes)[labels]
 
 
 # ------------------------------------------------------------------------------ fast vs reference
@@ -49,8 +41,10 @@ def test_binary_crossentropy_matches_reference(device, rng, from_logits):
     t = rng.uniform(0, 1, (3, 5))
     y = rng.standard_normal((3, 5)) * 4 if from_logits else rng.uniform(0, 1, (3, 5))
     y[0, 0] = 0.0 if not from_logits else y[0, 0]            # a clipped probability
-    loss, _ = K.binary_crossentropy_forward(to_device(t, device), to_device(y, device), from_logits)
-    np.testing.assert_allclose(to_numpy(loss), K.binary_crossentropy_reference(t, y, from_logits),
+    loss, _ = K.binary_crossentropy_forward(to_device(t, device), to_device(y, device),
+                                            from_logits=from_logits)
+    np.testing.assert_allclose(to_numpy(loss),
+                               K.binary_crossentropy_reference(t, y, from_logits=from_logits),
                                rtol=1e-10)
 
 
@@ -59,9 +53,10 @@ def test_categorical_crossentropy_matches_reference(device, rng, from_logits):
     t = rng.dirichlet(np.ones(4), size=(2, 3))
     y = rng.standard_normal((2, 3, 4)) * 3 if from_logits else rng.uniform(0, 2, (2, 3, 4))
     values, _ = K.categorical_crossentropy_forward(to_device(t, device), to_device(y, device),
-                                                   from_logits)
+                                                   from_logits=from_logits)
     np.testing.assert_allclose(to_numpy(values),
-                               K.categorical_crossentropy_reference(t, y, from_logits), rtol=1e-10)
+                               K.categorical_crossentropy_reference(t, y, from_logits=from_logits),
+                               rtol=1e-10)
 
 
 @pytest.mark.parametrize("from_logits", [False, True])
@@ -72,9 +67,11 @@ def test_sparse_categorical_crossentropy_matches_reference(device, rng, from_log
     y = rng.standard_normal((2, 4, 3)) if from_logits else rng.uniform(0.01, 1, (2, 4, 3))
     cw = np.array([0.5, 2.0, 1.5]) if weighted else None
     values, _ = K.sparse_categorical_crossentropy_forward(
-        to_device(labels, device), to_device(y, device), from_logits,
-        None if cw is None else to_device(cw, device), to_device(valid, device))
-    expected = K.sparse_categorical_crossentropy_reference(labels, y, from_logits, cw, valid)
+        to_device(labels, device), to_device(y, device),
+        None if cw is None else to_device(cw, device), to_device(valid, device),
+        from_logits=from_logits)
+    expected = K.sparse_categorical_crossentropy_reference(labels, y, cw, valid,
+                                                           from_logits=from_logits)
     np.testing.assert_allclose(to_numpy(values), expected, rtol=1e-10)
 
 
@@ -82,7 +79,7 @@ def test_course_example_gives_keras_value(device):
     """The course's 2x2 image, 3 classes: Keras renormalises the row summing to 0.91."""
     y = np.array([[0.05, 0.95, 0], [0.1, .01, 0.8], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6]]).reshape(2, 2, 3)
     values, _ = K.sparse_categorical_crossentropy_forward(
-        to_device(np.array([[1, 2], [0, 2]]), device), to_device(y, device), False)
+        to_device(np.array([[1, 2], [0, 2]]), device), to_device(y, device), from_logits=False)
     assert float(to_numpy(values).mean()) == pytest.approx(0.26191, abs=5e-6)
     by_hand = -np.mean(np.log([0.95, 0.8 / 0.91, 0.7, 0.6]))
     assert float(to_numpy(values).mean()) == pytest.approx(by_hand, rel=1e-12)
@@ -93,9 +90,10 @@ def test_course_example_gives_keras_value(device):
 def test_binary_focal_matches_reference(device, rng, from_logits, balanced):
     t = (rng.uniform(size=(3, 4)) > 0.5).astype(float)
     y = rng.standard_normal((3, 4)) * 3 if from_logits else rng.uniform(0, 1, (3, 4))
+    focal = dict(from_logits=from_logits, gamma=2.5, alpha=0.3, apply_class_balancing=balanced)
     loss, _ = K.binary_focal_crossentropy_forward(to_device(t, device), to_device(y, device),
-                                                  from_logits, 2.5, 0.3, balanced)
-    expected = K.binary_focal_crossentropy_reference(t, y, from_logits, 2.5, 0.3, balanced)
+                                                  **focal)
+    expected = K.binary_focal_crossentropy_reference(t, y, **focal)
     np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-10)
 
 
@@ -106,43 +104,11 @@ def test_categorical_focal_matches_reference(device, rng, from_logits, alpha):
     y = rng.standard_normal((2, 3, 3)) * 2 if from_logits else rng.uniform(0.01, 1, (2, 3, 3))
     a = alpha if np.isscalar(alpha) else to_device(np.array(alpha), device)
     values, _ = K.categorical_focal_crossentropy_forward(to_device(t, device), to_device(y, device),
-                                                         from_logits, 2.0, a)
-    expected = K.categorical_focal_crossentropy_reference(t, y, from_logits, 2.0, alpha)
+                                                         from_logits=from_logits, gamma=2.0,
+                                                         alpha=a)
+    expected = K.categorical_focal_crossentropy_reference(t, y, from_logits=from_logits,
+                                                          gamma=2.0, alpha=alpha)
     np.testing.assert_allclose(to_numpy(values), expected, rtol=1e-10)
-
-
-@pytest.mark.parametrize("axis", [None, 1, (1, 2, 3), -1, (0, 2)])
-def test_dice_matches_reference(device, rng, axis):
-    t = (rng.uniform(size=(2, 3, 3, 2)) > 0.5).astype(float)
-    y = rng.uniform(size=(2, 3, 3, 2))
-    values, _ = K.dice_forward(to_device(t, device), to_device(y, device), axis)
-    np.testing.assert_allclose(to_numpy(values), K.dice_reference(t, y, axis), rtol=1e-10)
-
-
-def test_dice_keras_docstring_values(device):
-    t = np.array([[[[1.0], [1.0]], [[0.0], [0.0]]], [[[1.0], [1.0]], [[0.0], [0.0]]]], np.float32)
-    y = np.array([[[[0.0], [1.0]], [[0.0], [1.0]]], [[[0.4], [0.0]], [[0.0], [0.9]]]], np.float32)
-    per_image, _ = K.dice_forward(to_device(t, device), to_device(y, device), (1, 2, 3))
-    np.testing.assert_allclose(to_numpy(per_image), [0.5, 0.75757575], rtol=1e-6)
-    whole, _ = K.dice_forward(to_device(t, device), to_device(y, device))
-    assert whole.shape == () and float(whole) == pytest.approx(0.6164384, rel=1e-6)
-
-
-@pytest.mark.parametrize("from_logits", [False, True])
-def test_soft_dice_matches_reference(device, rng, from_logits):
-    labels = rng.integers(0, 3, (2, 3, 3))
-    valid = rng.uniform(size=(2, 3, 3)) > 0.25
-    y = rng.standard_normal((2, 3, 3, 3)) if from_logits else rng.uniform(0.01, 1, (2, 3, 3, 3))
-    loss, _ = K.soft_dice_forward(to_device(labels, device), to_device(y, device), from_logits,
-                                  to_device(valid, device), smooth=0.5)
-    assert float(to_numpy(loss)) == pytest.approx(
-        K.soft_dice_reference(labels, y, from_logits, valid, smooth=0.5), rel=1e-10)
-
-
-def test_soft_dice_of_a_perfect_prediction_is_zero():
-    labels = np.array([[0, 1], [2, 1]])
-    loss, _ = K.soft_dice_forward(labels, one_hot_np(labels, 3), False, smooth=0.0)
-    assert float(loss) == pytest.approx(0.0, abs=1e-12)
 
 
 # ------------------------------------------------------------------------------ gradients (float64)
@@ -161,7 +127,7 @@ def test_gradient_binary_crossentropy(leading, from_logits, weighted, seed):
     w = rng.uniform(0.5, 2, leading) if weighted else None
     x = rng.standard_normal(leading) * 3 if from_logits else probabilities(rng, leading)
     x = np.minimum(x, 0.95) if not from_logits else x
-    check_kernel_gradient(lambda y: K.binary_crossentropy_forward(t, y, from_logits, w),
+    check_kernel_gradient(lambda y: K.binary_crossentropy_forward(t, y, w, from_logits=from_logits),
                           K.binary_crossentropy_backward, x, seed)
 
 
@@ -173,7 +139,8 @@ def test_gradient_categorical_crossentropy(leading, classes, from_logits, weight
     cw = rng.uniform(0.5, 2, classes) if weighted else None
     x = rng.standard_normal(leading + (classes,)) * 2 if from_logits else \
         probabilities(rng, leading + (classes,))
-    check_kernel_gradient(lambda y: K.categorical_crossentropy_forward(t, y, from_logits, cw),
+    check_kernel_gradient(lambda y: K.categorical_crossentropy_forward(t, y, cw,
+                                                                       from_logits=from_logits),
                           K.categorical_crossentropy_backward, x, seed)
 
 
@@ -188,7 +155,8 @@ def test_gradient_sparse_categorical_crossentropy(leading, classes, from_logits,
     x = rng.standard_normal(leading + (classes,)) * 2 if from_logits else \
         probabilities(rng, leading + (classes,))
     check_kernel_gradient(
-        lambda y: K.sparse_categorical_crossentropy_forward(labels, y, from_logits, cw, valid),
+        lambda y: K.sparse_categorical_crossentropy_forward(labels, y, cw, valid,
+                                                            from_logits=from_logits),
         K.sparse_categorical_crossentropy_backward, x, seed)
 
 
@@ -202,7 +170,8 @@ def test_gradient_binary_focal(leading, from_logits, balanced, gamma, smooth, se
     x = rng.standard_normal(leading) * 3 if from_logits else \
         rng.uniform(0.05, 0.95, leading)
     check_kernel_gradient(
-        lambda y: K.binary_focal_crossentropy_forward(t, y, from_logits, gamma, 0.3, balanced),
+        lambda y: K.binary_focal_crossentropy_forward(t, y, from_logits=from_logits, gamma=gamma,
+                                                      alpha=0.3, apply_class_balancing=balanced),
         K.binary_focal_crossentropy_backward, x, seed)
 
 
@@ -216,78 +185,16 @@ def test_gradient_categorical_focal(leading, classes, from_logits, gamma, vector
     x = rng.standard_normal(leading + (classes,)) * 2 if from_logits else \
         probabilities(rng, leading + (classes,))
     check_kernel_gradient(
-        lambda y: K.categorical_focal_crossentropy_forward(t, y, from_logits, gamma, alpha),
+        lambda y: K.categorical_focal_crossentropy_forward(t, y, from_logits=from_logits,
+                                                           gamma=gamma, alpha=alpha),
         K.categorical_focal_crossentropy_backward, x, seed)
-
-
-@given(shape=st.lists(st.integers(1, 3), min_size=1, max_size=4).map(tuple),
-       data=st.data(), seed=st.integers(0, 2**16))
-def test_gradient_dice(shape, data, seed):
-    rng = np.random.default_rng(seed)
-    axes = data.draw(st.sets(st.integers(0, len(shape) - 1)))
-    axis = data.draw(st.sampled_from([None, tuple(sorted(axes)) or None]))
-    t = (rng.uniform(size=shape) > 0.5).astype(float)
-    check_kernel_gradient(lambda y: K.dice_forward(t, y, axis), K.dice_backward,
-                          rng.uniform(0, 1, shape), seed)
-
-
-@given(leading=LEADING, classes=CLASSES, from_logits=st.booleans(), masked=st.booleans(),
-       smooth=st.sampled_from([0.0, 1e-5, 1.0]), seed=st.integers(0, 2**16))
-def test_gradient_soft_dice(leading, classes, from_logits, masked, smooth, seed):
-    rng = np.random.default_rng(seed)
-    labels = labels_for(rng, leading, classes)
-    valid = rng.uniform(size=leading) > 0.3 if masked else None
-    valid = None if valid is not None and not valid.any() else valid
-    x = rng.standard_normal(leading + (classes,)) if from_logits else \
-        probabilities(rng, leading + (classes,))
-    check_kernel_gradient(lambda y: K.soft_dice_forward(labels, y, from_logits, valid, smooth + 0.1),
-                          K.soft_dice_backward, x, seed)
 
 
 def test_gradient_of_clipped_probabilities_is_zero():
     """A probability outside [eps, 1 - eps] is clipped: no gradient flows through the clip."""
     t = np.array([1.0, 0.0])
-    _, saved = K.binary_crossentropy_forward(t, np.array([0.0, 1.0]), False)
+    _, saved = K.binary_crossentropy_forward(t, np.array([0.0, 1.0]), from_logits=False)
     np.testing.assert_array_equal(K.binary_crossentropy_backward(np.ones(2), saved), [0.0, 0.0])
-
-
-# ------------------------------------------------------------------------------ reduction
-@given(shape=st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple),
-       reduction=st.sampled_from(K.REDUCTIONS), weighted=st.booleans(), masked=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_weighted_reduction_matches_reference_and_gradient(shape, reduction, weighted, masked, seed):
-    rng = np.random.default_rng(seed)
-    values = rng.uniform(0, 2, shape)
-    w = rng.uniform(0, 2, shape) if weighted else None
-    mask = rng.uniform(size=shape) > 0.3 if masked else None
-    out, saved = K.weighted_reduction_forward(values, w, mask, reduction)
-    expected = K.weighted_reduction_reference(values, w, mask, reduction)
-    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-15)
-    check_kernel_gradient(lambda v: K.weighted_reduction_forward(v, w, mask, reduction),
-                          K.weighted_reduction_backward, values, seed)
-
-
-def test_reduction_with_ignore_mask_averages_over_valid_entries_only():
-    values = np.array([1.0, 2.0, 3.0, 4.0])
-    mask = np.array([True, False, True, False])
-    out, _ = K.weighted_reduction_forward(values, None, mask, "sum_over_batch_size")
-    assert float(out) == pytest.approx(2.0)          # (1 + 3) / 2
-    out, _ = K.weighted_reduction_forward(values, np.array([1.0, 1, 3, 1]), mask, "sum_over_batch_size")
-    assert float(out) == pytest.approx(5.0)          # (1 + 9) / 2: the weights do not divide
-    out, _ = K.weighted_reduction_forward(values, None, np.zeros(4, bool), "sum_over_batch_size")
-    assert float(out) == 0.0                         # no valid entry: 0, not NaN
-    out, _ = K.weighted_reduction_forward(values, None, mask, "none")
-    np.testing.assert_array_equal(out, [1.0, 0.0, 3.0, 0.0])
-
-
-def test_reduction_aligns_per_sample_weights_with_the_batch_axis():
-    values = np.arange(12.0).reshape(2, 3, 2)
-    out, _ = K.weighted_reduction_forward(values, np.array([1.0, 0.0]), None, "sum")
-    assert float(out) == values[0].sum()
-    with pytest.raises(ValueError, match=r"sample_weight of shape \(3, 3\)"):
-        K.weighted_reduction_forward(values, np.ones((3, 3)), None, "sum")
-    with pytest.raises(ValueError, match="reduction"):
-        K.weighted_reduction_forward(values, None, None, "average")
 
 
 # ------------------------------------------------------------------------------ extremes and dtypes
@@ -305,20 +212,21 @@ def test_extreme_inputs_give_finite_losses_and_gradients(device, case, from_logi
     t = one_hot_np(labels, 3)
     y, t_dev, labels_dev = (to_device(a, device) for a in (y, t, labels))
     forward, backward = {
-        "bce": (lambda: K.binary_crossentropy_forward(t_dev, y, from_logits),
+        "bce": (lambda: K.binary_crossentropy_forward(t_dev, y, from_logits=from_logits),
                 K.binary_crossentropy_backward),
-        "cce": (lambda: K.categorical_crossentropy_forward(t_dev, y, from_logits),
+        "cce": (lambda: K.categorical_crossentropy_forward(t_dev, y, from_logits=from_logits),
                 K.categorical_crossentropy_backward),
-        "scce": (lambda: K.sparse_categorical_crossentropy_forward(labels_dev, y, from_logits),
+        "scce": (lambda: K.sparse_categorical_crossentropy_forward(labels_dev, y,
+                                                                   from_logits=from_logits),
                  K.sparse_categorical_crossentropy_backward),
-        "bfocal": (lambda: K.binary_focal_crossentropy_forward(t_dev, y, from_logits, 2.0, 0.25,
-                                                               True),
+        "bfocal": (lambda: K.binary_focal_crossentropy_forward(
+            t_dev, y, from_logits=from_logits, gamma=2.0, alpha=0.25, apply_class_balancing=True),
                    K.binary_focal_crossentropy_backward),
-        "cfocal": (lambda: K.categorical_focal_crossentropy_forward(t_dev, y, from_logits, 2.0,
-                                                                    0.25),
+        "cfocal": (lambda: K.categorical_focal_crossentropy_forward(
+            t_dev, y, from_logits=from_logits, gamma=2.0, alpha=0.25),
                    K.categorical_focal_crossentropy_backward),
-        "softdice": (lambda: K.soft_dice_forward(labels_dev, y, from_logits),
-                     K.soft_dice_backward),
+        "softdice": (lambda: D.soft_dice_forward(labels_dev, y, from_logits=from_logits),
+                     D.soft_dice_backward),
     }[case]
     values, saved = forward()
     grad = backward(values * 0 + 1, saved)
@@ -327,9 +235,10 @@ def test_extreme_inputs_give_finite_losses_and_gradients(device, case, from_logi
 
 def test_wrong_logits_of_1e4_cost_what_they_should():
     """Softplus form: a logit of 1e4 on the wrong side costs 1e4, not -log(1e-7)."""
-    loss, _ = K.binary_crossentropy_forward(np.array([0.0]), np.array([1e4]), True)
+    loss, _ = K.binary_crossentropy_forward(np.array([0.0]), np.array([1e4]), from_logits=True)
     assert float(loss[0]) == pytest.approx(1e4)
-    values, _ = K.sparse_categorical_crossentropy_forward(np.array([1]), np.array([[1e4, -1e4]]), True)
+    values, _ = K.sparse_categorical_crossentropy_forward(np.array([1]), np.array([[1e4, -1e4]]),
+                                                          from_logits=True)
     assert float(values[0]) == pytest.approx(2e4)
 
 
@@ -341,21 +250,24 @@ def test_float32_stays_float32(device, rng, case):
     alpha = to_device(np.array([0.2, 0.3, 0.5], np.float32), device)
     forward, backward = {
         "mse": (lambda: K.mean_squared_error_forward(t, y), K.mean_squared_error_backward),
-        "bce": (lambda: K.binary_crossentropy_forward(t, y, True), K.binary_crossentropy_backward),
-        "cce": (lambda: K.categorical_crossentropy_forward(t, y, False),
+        "bce": (lambda: K.binary_crossentropy_forward(t, y, from_logits=True),
+                K.binary_crossentropy_backward),
+        "cce": (lambda: K.categorical_crossentropy_forward(t, y, from_logits=False),
                 K.categorical_crossentropy_backward),
-        "scce": (lambda: K.sparse_categorical_crossentropy_forward(labels, y, True),
+        "scce": (lambda: K.sparse_categorical_crossentropy_forward(labels, y, from_logits=True),
                  K.sparse_categorical_crossentropy_backward),
-        "bfocal": (lambda: K.binary_focal_crossentropy_forward(t, y, False, 2.0, 0.25, True),
+        "bfocal": (lambda: K.binary_focal_crossentropy_forward(
+            t, y, from_logits=False, gamma=2.0, alpha=0.25, apply_class_balancing=True),
                    K.binary_focal_crossentropy_backward),
-        "cfocal": (lambda: K.categorical_focal_crossentropy_forward(t, y, True, 2.0, alpha),
+        "cfocal": (lambda: K.categorical_focal_crossentropy_forward(t, y, from_logits=True,
+                                                                    gamma=2.0, alpha=alpha),
                    K.categorical_focal_crossentropy_backward),
-        "dice": (lambda: K.dice_forward(t, y, (1, 2)), K.dice_backward),
-        "softdice": (lambda: K.soft_dice_forward(labels, y, True), K.soft_dice_backward),
+        "dice": (lambda: D.dice_forward(t, y, axis=(1, 2)), D.dice_backward),
+        "softdice": (lambda: D.soft_dice_forward(labels, y, from_logits=True), D.soft_dice_backward),
     }[case]
     values, saved = forward()
     grad = backward(values * 0 + 1, saved)
     assert values.dtype == np.float32 and grad.dtype == np.float32
-    out, rsaved = K.weighted_reduction_forward(values, None, None, "sum_over_batch_size")
+    out, rsaved = R.weighted_reduction_forward(values, reduction="sum_over_batch_size")
     assert out.dtype == np.float32
-    assert K.weighted_reduction_backward(out * 0 + 1, rsaved).dtype == np.float32
+    assert R.weighted_reduction_backward(out * 0 + 1, rsaved).dtype == np.float32

@@ -1,10 +1,10 @@
-"""Batch normalisation kernels: statistics, moving averages (Keras' rule), inference, gradients."""
+"""kernels.normalization (the plain kernels): statistics, moving averages (Keras' rule), inference,
+gradients. The tuned twins are held to these in tests/kernels/fast/test_normalization.py."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import cpu
 from kernels import normalization as BN
 from kernels.backend import to_device, to_numpy
 from minicnn.gradcheck import numerical_gradient as numerical_grad
@@ -35,14 +35,14 @@ def test_training_forward_and_backward_equal_reference(device, shape, dtype, see
     rng, x, gamma, beta = draw_inputs(seed, shape, dtype)
     d = lambda a: to_device(a, device)   # noqa: E731
     y, mean, var, x_centered, inv_std = BN.batch_norm_forward_training(d(x), d(gamma), d(beta),
-                                                                       1e-3)
-    y_ref, mean_ref, var_ref = BN.batch_norm_training_reference(x, gamma, beta, 1e-3)
+                                                                       epsilon=1e-3)
+    y_ref, mean_ref, var_ref = BN.batch_norm_training_reference(x, gamma, beta, epsilon=1e-3)
     for got, want in ((y, y_ref), (mean, mean_ref), (var, var_ref)):
         np.testing.assert_allclose(to_numpy(got), want, **TOL[dtype])
         assert got.dtype == dtype
     dy = rng.standard_normal(shape).astype(dtype)
     dx, dgamma, dbeta = BN.batch_norm_backward(d(dy), x_centered, inv_std, d(gamma))
-    refs = BN.batch_norm_backward_reference(dy, x, gamma, 1e-3)
+    refs = BN.batch_norm_backward_reference(dy, x, gamma, epsilon=1e-3)
     for got, want in zip((dx, dgamma, dbeta), refs):
         np.testing.assert_allclose(to_numpy(got), want, **TOL[dtype])
         assert got.dtype == dtype
@@ -53,14 +53,15 @@ def test_training_output_is_standardised_per_channel(shape, seed):
     _, x, gamma, beta = draw_inputs(seed, shape, np.float64)
     axes = tuple(range(len(shape) - 1))
     eps = 1e-3
-    y, mean, var, x_centered, inv_std = BN.batch_norm_forward_training(x, gamma, beta, eps)
+    y, mean, var, x_centered, inv_std = BN.batch_norm_forward_training(x, gamma, beta,
+                                                                       epsilon=eps)
     x_hat = x_centered * inv_std
     np.testing.assert_allclose(mean, x.mean(axis=axes), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(var, x.var(axis=axes), rtol=1e-10)     # biased (ddof=0)
     np.testing.assert_allclose(x_hat.mean(axis=axes), 0, atol=1e-12)
     np.testing.assert_allclose(x_hat.var(axis=axes), var / (var + eps), rtol=1e-10)
     np.testing.assert_allclose(y, gamma * x_hat + beta, rtol=1e-12, atol=1e-12)
-    y_no_eps = BN.batch_norm_forward_training(x, None, None, 1e-12)[0]
+    y_no_eps = BN.batch_norm_forward_training(x, epsilon=1e-12)[0]
     np.testing.assert_allclose(y_no_eps.var(axis=axes), var / (var + 1e-12), rtol=1e-9)
     np.testing.assert_allclose(y_no_eps.var(axis=axes)[var > 1e-3], 1, rtol=1e-8)
 
@@ -96,7 +97,7 @@ def test_moving_statistics_follow_keras_closed_form(rng):
     for x in batches:
         _, mean, var, _, _ = BN.batch_norm_forward_training(x)
         moving_mean, moving_var = BN.update_moving_statistics(moving_mean, moving_var, mean, var,
-                                                             momentum)
+                                                             momentum=momentum)
     # m_k = momentum^k m_0 + (1 - momentum) sum_i momentum^(k-1-i) batch_i, biased variance
     axes = (0, 1, 2)
     want_mean = sum((1 - momentum) * momentum ** (steps - 1 - i) * b.mean(axis=axes)
@@ -121,13 +122,13 @@ def test_inference_uses_moving_statistics(device, shape, dtype, seed):
     moving_var = rng.uniform(0.5, 2, c).astype(dtype)
     d = lambda a: to_device(a, device)   # noqa: E731
     y = BN.batch_norm_forward_inference(d(x), d(moving_mean), d(moving_var), d(gamma), d(beta),
-                                        1e-3)
+                                        epsilon=1e-3)
     want = (x.astype(np.float64) - moving_mean) / np.sqrt(moving_var.astype(np.float64) + 1e-3) \
         * gamma + beta
     np.testing.assert_allclose(to_numpy(y), want, **TOL[dtype])
     assert y.dtype == dtype
     dy = rng.standard_normal(shape).astype(dtype)
-    dx = BN.batch_norm_backward_inference(d(dy), d(moving_var), d(gamma), 1e-3)
+    dx = BN.batch_norm_backward_inference(d(dy), d(moving_var), d(gamma), epsilon=1e-3)
     np.testing.assert_allclose(to_numpy(dx), dy * gamma / np.sqrt(moving_var + 1e-3), **TOL[dtype])
 
 
@@ -156,7 +157,7 @@ def test_bad_inputs_raise(rng):
     with pytest.raises(ValueError, match="moving_variance of shape"):
         BN.batch_norm_forward_inference(x, np.zeros(4), np.ones(5))
     with pytest.raises(ValueError, match="momentum must be in"):
-        BN.update_moving_statistics(np.zeros(4), np.ones(4), np.zeros(4), np.ones(4), 1.5)
+        BN.update_moving_statistics(np.zeros(4), np.ones(4), np.zeros(4), np.ones(4), momentum=1.5)
     with pytest.raises(ValueError, match=r"moving_mean of shape \(4,\) vs batch mean"):
         BN.update_moving_statistics(np.zeros(4), np.ones(4), np.zeros(3), np.ones(4))
     _, _, _, x_centered, inv_std = BN.batch_norm_forward_training(x)
@@ -164,44 +165,15 @@ def test_bad_inputs_raise(rng):
         BN.batch_norm_backward(np.ones((2, 3, 3, 3)), x_centered, inv_std)
 
 
-@pytest.mark.parametrize("threads", ["1", "3"])
-def test_many_blocks_and_threads_give_the_same_result(monkeypatch, rng, threads):
-    """Tiny blocks force the blocked, threaded path that large activations take."""
-    x = rng.standard_normal((3, 5, 4, 3)) * 2 + 1
-    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
-    dy = rng.standard_normal(x.shape)
-    whole = BN.batch_norm_forward_training(x, gamma, beta)
-    whole_grads = BN.batch_norm_backward(dy, whole[3], whole[4], gamma)
-    monkeypatch.setattr(BN, "BLOCK_BYTES", 3 * 4 * 3 * 8)           # 3 rows of (W*C) per block
-    monkeypatch.setenv("MINICNN_NUM_THREADS", threads)
-    assert len(BN._blocks(BN._rows(x)[0])) == 5
-    blocked = BN.batch_norm_forward_training(x, gamma, beta)
-    for a, b in zip(whole, blocked):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-    blocked_grads = BN.batch_norm_backward(dy, blocked[3], blocked[4], gamma)
-    for a, b in zip(whole_grads, blocked_grads):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-    refs = BN.batch_norm_backward_reference(dy, x, gamma)
-    np.testing.assert_allclose(blocked_grads[0], refs[0], rtol=1e-10, atol=1e-12)
-    y_inf = BN.batch_norm_forward_inference(x, blocked[1], blocked[2], gamma, beta)
-    np.testing.assert_allclose(y_inf, blocked[0], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(BN.channel_sum(x), x.sum(axis=(0, 1, 2)), rtol=1e-12)
-
-
-def test_parallel_map_keeps_order_nests_and_raises(monkeypatch):
-    """Items come back in order; a map inside a map runs on its caller's thread (no deadlock
-    with a pool the outer map keeps busy); an exception reaches the caller."""
-    monkeypatch.setenv("MINICNN_NUM_THREADS", "2")
-
-    def inner(i):
-        return cpu.parallel_map(lambda j: 10 * i + j, list(range(3)))
-    assert cpu.parallel_map(inner, list(range(5))) == [[10 * i + j for j in range(3)]
-                                                      for i in range(5)]
-
-    def fails(i):
-        if i == 3:
-            raise KeyError("three")
-        return i
-    with pytest.raises(KeyError, match="three"):
-        cpu.parallel_map(fails, list(range(4)))
-    assert cpu.parallel_map(str, [7]) == ["7"]
+def test_inference_gradients_of_the_parameters(rng):
+    x = rng.standard_normal((3, 2, 2, 3))
+    mean, var = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    projection = rng.standard_normal(x.shape)
+    dgamma, dbeta = BN.batch_norm_param_grads_inference(projection, x, mean, var, epsilon=1e-3)
+    forward = BN.batch_norm_forward_inference
+    np.testing.assert_allclose(dgamma, numerical_grad(
+        lambda g: forward(x, mean, var, g, np.zeros(3), epsilon=1e-3), np.ones(3), projection),
+        rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dbeta, numerical_grad(
+        lambda b: forward(x, mean, var, np.ones(3), b, epsilon=1e-3), np.zeros(3), projection),
+        rtol=1e-6, atol=1e-8)

@@ -161,3 +161,31 @@ def test_transposed_padding_matches_keras(n, kernel, stride, padding, op):
         return     # settings Keras itself cannot map back (documented as inconsistent)
     # the forward twin's top padding is the kernel extent minus one minus Keras' dilated-input pad
     assert before == kernel - 1 - _keras_jax_left_pad(kernel, stride, 1, padding, op)
+
+
+def test_geometry_of_a_convolution_window():
+    g = shapes.conv_geometry("t", (7, 6), (3, 2), strides=(2, 1), dilation=(1, 2),
+                             padding="same")
+    assert (g.in_hw, g.kernel_hw, g.strides, g.dilation) == ((7, 6), (3, 2), (2, 1), (1, 2))
+    assert g.out_hw == (4, 6) and g.pads == ((1, 1), (1, 1)) and g.padded_hw == (9, 8)
+    assert not g.tiles_exactly
+
+
+@pytest.mark.parametrize("in_hw, pool, strides, padding, tiles", [
+    ((4, 6), 2, None, "valid", True), ((4, 6), (2, 3), None, "valid", True),
+    ((5, 6), 2, None, "valid", False),           # a row left over
+    ((4, 6), 2, 1, "valid", False),              # overlapping windows
+    ((3, 3), 2, None, "same", False),            # padded
+])
+def test_windows_that_tile_the_input_exactly(in_hw, pool, strides, padding, tiles):
+    assert shapes.pool_geometry("t", in_hw, pool, strides=strides, padding=padding) \
+        .tiles_exactly == tiles
+
+
+def test_geometry_errors_name_the_function_and_the_shapes():
+    with pytest.raises(ValueError, match=r"my_conv: .*empty.*\(input \(4, 4\), kernel \(5, 5\)"):
+        shapes.conv_geometry("my_conv", (4, 4), (5, 5))
+    with pytest.raises(ValueError, match=r"my_pool: pool_size must be >= 1"):
+        shapes.pool_geometry("my_pool", (4, 4), 0)
+    with pytest.raises(ValueError, match=r"my_conv: strides must be >= 1"):
+        shapes.conv_geometry("my_conv", (4, 4), (3, 3), strides=0)

@@ -58,10 +58,10 @@ def test_softmax_and_log_softmax_on_any_axis(rng, axis):
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     np.testing.assert_allclose(Softmax(axis)(mc.Tensor(x)).numpy(),
                                e / e.sum(axis=axis, keepdims=True), rtol=1e-12)
-    np.testing.assert_allclose(A.log_softmax(mc.Tensor(x), axis).numpy(),
+    np.testing.assert_allclose(A.log_softmax(mc.Tensor(x), axis=axis).numpy(),
                                np.log(e / e.sum(axis=axis, keepdims=True)), rtol=1e-12)
-    assert mc.gradcheck(lambda t: A.softmax(t, axis), x)
-    assert mc.gradcheck(lambda t: A.log_softmax(t, axis), x)
+    assert mc.gradcheck(lambda t: A.softmax(t, axis=axis), x)
+    assert mc.gradcheck(lambda t: A.log_softmax(t, axis=axis), x)
 
 
 def test_relu_variants_follow_keras():
@@ -107,7 +107,7 @@ def test_dropout_package_seed_gradient_and_noise_shape(rng):
     y = Dropout(0.5, seed=3)(t, training=True)
     y.sum().backward()
     np.testing.assert_array_equal(t.grad, (y.numpy() != 0) * 2.0)
-    assert mc.gradcheck(lambda v: A.dropout(v, 0.5, seed=7), x)
+    assert mc.gradcheck(lambda v: A.dropout(v, rate=0.5, seed=7), x)
     channels = Dropout(0.5, noise_shape=(None, 1, 1, 3), seed=0)(mc.Tensor(np.ones((2, 4, 4, 3))),
                                                                   training=True).numpy()
     assert np.all(channels == channels[:, :1, :1, :])

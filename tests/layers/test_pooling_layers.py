@@ -158,7 +158,7 @@ def test_defaults_configs_and_symbolic_shapes():
 def test_functions_keep_float32():
     x = mc.Tensor(np.ones((1, 4, 4, 2), np.float32), requires_grad=True)
     for fn in (F.max_pool2d, F.avg_pool2d, F.global_avg_pool2d,
-               lambda t: F.upsample2d(t, 2, "bilinear")):
+               lambda t: F.upsample2d(t, size=2, interpolation="bilinear")):
         y = fn(x)
         assert y.dtype == np.float32
         y.sum().backward()

@@ -1,0 +1,72 @@
+"""What the sliding-window kernels share (convolution, depthwise convolution, pooling): argument
+checks, padding and cropping of NHWC images, and the view of one kernel tap.
+
+    tap(xpad, g, i, j)[n, oy, ox, c] = xpad[n, oy*sh + i*dh, ox*sw + j*dw, c]
+
+is what kernel tap (or pool cell) (i, j) meets at every output position: a strided view of the
+padded input of shape (N, Ho, Wo, C), no copy; writing into it writes into ``xpad`` (the adjoints
+add their gradients back through it). ``g`` is a ``kernels.shapes.Geometry``.
+"""
+from __future__ import annotations
+
+from kernels.backend import get_array_module
+
+
+def check_images(fn: str, name: str, x):
+    """x must be 4-D (N, H, W, C)."""
+    if x.ndim != 4:
+        raise ValueError(f"{fn}: {name} must be 4-D (N, H, W, C), got shape {tuple(x.shape)}")
+
+
+def check_float(fn: str, **arrays):
+    """One floating dtype for all the named arrays (None skipped): float32 stays float32."""
+    dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
+    for name, dtype in dtypes.items():
+        if dtype.kind != "f":
+            raise TypeError(f"{fn}: {name} must be a floating array, got dtype {dtype}")
+    if len(set(dtypes.values())) > 1:
+        detail = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"{fn}: all arrays must share one dtype, got {detail}")
+
+
+def check_shape(fn: str, name: str, a, expected):
+    """a.shape must be ``expected`` (e.g. a gradient must have its output's shape)."""
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{fn}: {name} must have the shape {tuple(expected)}, "
+                         f"got {tuple(a.shape)}")
+
+
+def pad(x, pads, value=0):
+    """``x: (N, H, W, C)`` with ``pads = ((top, bottom), (left, right))`` rows and columns of
+    ``value`` around H and W: a new array (``x`` itself when there is no padding)."""
+    (top, bottom), (left, right) = pads
+    if top == bottom == left == right == 0:
+        return x
+    xp = get_array_module(x)
+    n, h, w, c = x.shape
+    out = xp.full((n, h + top + bottom, w + left + right, c), value, dtype=x.dtype)
+    out[:, top:top + h, left:left + w] = x
+    return out
+
+
+def crop(xpad, pads):
+    """The inverse of ``pad``: the interior as a new C-contiguous array (``xpad`` itself when
+    there is no padding)."""
+    (top, bottom), (left, right) = pads
+    if top == bottom == left == right == 0:
+        return xpad
+    return copy_of(xpad[:, top:xpad.shape[1] - bottom, left:xpad.shape[2] - right])
+
+
+def copy_of(view):
+    """A new C-contiguous array holding the values of ``view``."""
+    out = get_array_module(view).empty(view.shape, dtype=view.dtype)
+    out[...] = view
+    return out
+
+
+def tap(xpad, g, i: int, j: int):
+    """The view ``xpad[:, i*dh :: sh, j*dw :: sw]`` cut to (N, Ho, Wo, C): kernel tap (i, j) at every
+    output position (see the module docstring)."""
+    (ho, wo), (sh, sw), (dh, dw) = g.out_hw, g.strides, g.dilation
+    return xpad[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]

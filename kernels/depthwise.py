@@ -24,7 +24,7 @@ import numpy as np
 
 from kernels.backend import get_array_module
 from kernels.shapes import conv_geometry
-from kernels.windows import check_float, check_images, check_shape, crop, pad, tap
+from kernels.windows import check_float, check_images, check_kernel, check_shape, crop, pad, tap
 
 
 # --------------------------------------------------------------------------- the contract
@@ -32,18 +32,8 @@ from kernels.windows import check_float, check_images, check_shape, crop, pad, t
 def forward_geometry(fn, x, w, b=None, *, strides=1, dilation=1, padding="valid"):
     """Check ``x: (N, H, W, C)``, ``w: (kh, kw, C, M)``, ``b: (C*M,)`` or None and the settings;
     return their ``Geometry``."""
-    check_images(fn, "x", x)
-    if w.ndim != 4:
-        raise ValueError(f"{fn}: w must be 4-D (kh, kw, C, depth_multiplier), "
-                         f"got shape {tuple(w.shape)}")
-    if x.shape[3] != w.shape[2]:
-        raise ValueError(f"{fn}: x of shape {tuple(x.shape)} has {x.shape[3]} channels but the "
-                         f"depthwise kernel of shape {tuple(w.shape)} expects {w.shape[2]}")
-    if b is not None and tuple(b.shape) != (w.shape[2] * w.shape[3],):
-        raise ValueError(f"{fn}: bias must have shape ({w.shape[2] * w.shape[3]},) = "
-                         f"channels * depth_multiplier for kernel {tuple(w.shape)}, "
-                         f"got {tuple(b.shape)}")
-    check_float(fn, x=x, w=w, b=b)
+    check_kernel(fn, x, w, b, "depthwise kernel", "(kh, kw, C, depth_multiplier)",
+                 lambda shape: shape[2] * shape[3])               # C * M output channels
     return conv_geometry(fn, x.shape[1:3], w.shape[:2], strides=strides, dilation=dilation,
                          padding=padding)
 

@@ -29,6 +29,21 @@ def check_float(fn: str, **arrays):
         raise TypeError(f"{fn}: all arrays must share one dtype, got {detail}")
 
 
+def check_kernel(fn: str, x, w, b, kind: str, layout: str, bias_size):
+    """x (N, H, W, C) and a 4-D kernel w of ``layout`` whose third axis is C; b (bias_size,) or
+    None (``bias_size``: a function of w's shape); one floating dtype for all."""
+    check_images(fn, "x", x)
+    if w.ndim != 4:
+        raise ValueError(f"{fn}: w must be 4-D {layout}, got shape {tuple(w.shape)}")
+    if x.shape[3] != w.shape[2]:
+        raise ValueError(f"{fn}: x of shape {tuple(x.shape)} has {x.shape[3]} channels but the "
+                         f"{kind} of shape {tuple(w.shape)} expects {w.shape[2]}")
+    if b is not None and tuple(b.shape) != (bias_size(w.shape),):
+        raise ValueError(f"{fn}: bias must have shape ({bias_size(w.shape)},) to match the {kind} "
+                         f"{tuple(w.shape)}, got {tuple(b.shape)}")
+    check_float(fn, x=x, w=w, b=b)
+
+
 def check_shape(fn: str, name: str, a, expected):
     """a.shape must be ``expected`` (e.g. a gradient must have its output's shape)."""
     if tuple(a.shape) != tuple(expected):

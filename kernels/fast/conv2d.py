@@ -173,6 +173,18 @@ def window_view(xpad, g):
         strides=(s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
 
 
+def piece_windows(x, windows, g, piece):
+    """The windows of piece ``(n0, n1, h0, h1)``, ``(n1-n0, h1-h0, Wo, kh, kw, C)``: copied from
+    ``windows`` (a ``window_view``) into this thread's temporary, or the pixels of x themselves
+    when ``windows`` is None (a pointwise kernel)."""
+    n0, n1, h0, h1 = piece
+    if windows is None:
+        return x[n0:n1, h0:h1]
+    cols = scratch.get("cols", (n1 - n0, h1 - h0, *windows.shape[2:]), x.dtype)
+    cols[...] = windows[n0:n1, h0:h1]
+    return cols
+
+
 def is_pointwise(g) -> bool:
     """1x1 kernel, stride 1, no padding: the windows are the pixels themselves."""
     return g.kernel_hw == (1, 1) and g.strides == (1, 1) and g.pads == ((0, 0), (0, 0))
@@ -286,11 +298,7 @@ def _forward_im2col(x, w, b, g, y, pieces, slot):
 
     def piece(p):
         n0, n1, h0, h1 = p
-        if windows is None:
-            cols = x[n0:n1, h0:h1]
-        else:
-            cols = scratch.get("cols", (n1 - n0, h1 - h0, g.out_hw[1], kh, kw, c), x.dtype)
-            cols[...] = windows[n0:n1, h0:h1]
+        cols = piece_windows(x, windows, g, p)
         np.matmul(cols.reshape(-1, k), w_mat, out=y[n0:n1, h0:h1].reshape(-1, n_out))
         if b is not None:
             add_bias(y[n0:n1, h0:h1], b)
@@ -404,11 +412,7 @@ def _filter_gradient_im2col(x, grad_y, g):
 
     def piece(p):
         n0, n1, h0, h1 = p
-        if windows is None:
-            cols = x[n0:n1, h0:h1]
-        else:
-            cols = scratch.get("cols", (n1 - n0, h1 - h0, g.out_hw[1], kh, kw, c), x.dtype)
-            cols[...] = windows[n0:n1, h0:h1]
+        cols = piece_windows(x, windows, g, p)
         return cols.reshape(-1, k).T @ grad_y[n0:n1, h0:h1].reshape(-1, n_out)
     return _sum_parts(run_pieces(piece, _pieces(n, g, c * n_out))).reshape(kh, kw, c, n_out)
 

@@ -1,4 +1,4 @@
-"""The kernels' runtime settings: one object, read from the environment once, exposed as ``mc.config``.
+"""The kernels' runtime settings: one object, read from the environment once (``mc.config``).
 
     from kernels.config import settings        # the same object as minicnn.config
     settings.threads                           # e.g. 2
@@ -8,29 +8,34 @@
 
 Which implementation runs (``kernels.dispatch``):
 
-    kernels        "fast": the tuned CPU twins of ``kernels/fast`` where one exists; "plain": the
-                   readable kernels (one thread, no scratch), e.g. to step through them.  [MINICNN_KERNELS]
-    cuda_kernels   CuPy arrays run the CUDA kernels of ``kernels/cuda`` (True) or the plain kernels'
-                   array code on CuPy (False).                                        [MINICNN_CUDA_KERNELS]
+    kernels           "fast": the tuned CPU twins of ``kernels/fast`` where one exists; "plain":
+                      the readable kernels (one thread, no scratch), e.g. to step through them
+                      [MINICNN_KERNELS]
+    cuda_kernels      CuPy arrays run the CUDA kernels of ``kernels/cuda`` (True) or the plain
+                      kernels' array code on CuPy (False) [MINICNN_CUDA_KERNELS]
 
 How the tuned CPU kernels run (none of these changes a result beyond float rounding):
 
-    threads        threads of the tuned kernels (default: the CPUs this process may use, at most 8).
-                                                                                      [MINICNN_NUM_THREADS]
-    scratch        "reuse": temporaries that never leave a call are kept between calls (a fresh
-                   multi-megabyte array page-faults on first touch); "fresh": allocated each call.
-                                                                                      [MINICNN_SCRATCH]
-    parallel_min_bytes      arrays smaller than this are padded, summed, pooled or joined on one thread
-    elementwise_block_bytes elementwise passes (ReLU) over larger arrays run in blocks of this size
-    batchnorm_block_bytes   batch norm's rows are processed in blocks of about this size
-    conv_parallel_min_macs  convolutions below this many multiply-adds run as one piece
-    conv_chunk_bytes        bytes of a convolution's row taps per chunk ...
-    conv_chunk_rows         ... clamped to (fewest, most) rows
-    shifted_min_channels    "shifted" convolution needs at least this many input channels ...
-    shifted_max_waste       ... and a padded grid at most this much larger than the output
-    depthwise_block_bytes   stride-1 depthwise rows per block on one thread ...
+    threads           threads of the tuned kernels (default: the CPUs this process may use, at
+                      most 8) [MINICNN_NUM_THREADS]
+    scratch           "reuse": temporaries that never leave a call are kept between calls (a fresh
+                      multi-megabyte array page-faults on first touch); "fresh": allocated each
+                      call [MINICNN_SCRATCH]
+    keep_workspaces   the forward convolution keeps its workspace (padded input or window matrix)
+                      for the filter gradient of the same input (``kernels/fast/memo.py``);
+                      ``minicnn.no_grad()`` turns it off for its block: no backward will come
+    parallel_min_bytes       arrays smaller than this are padded, summed, pooled or joined on one
+                             thread
+    elementwise_block_bytes  elementwise passes (ReLU) over larger arrays run in blocks this size
+    batchnorm_block_bytes    batch norm's rows are processed in blocks of about this size
+    conv_parallel_min_macs   convolutions below this many multiply-adds run as one piece
+    conv_chunk_bytes         bytes of a convolution's row taps per chunk ...
+    conv_chunk_rows          ... clamped to (fewest, most) rows
+    shifted_min_channels     the "shifted" convolution needs at least this many input channels ...
+    shifted_max_waste        ... and a padded grid at most this much larger than the output
+    depthwise_block_bytes    stride-1 depthwise rows per block on one thread ...
     depthwise_threaded_block_bytes  ... and per block on several threads
-    depthwise_tile_values   depthwise weight rows are tiled to about this many values
+    depthwise_tile_values    depthwise weight rows are tiled to about this many values
 
 The measurements behind each default are in benchmarks/RESULTS.md. The object is process-wide (not
 per thread); ``override`` restores the previous values on leaving, even after an exception.
@@ -96,19 +101,20 @@ def _row_range(name, value):
 FIELDS = {
     "kernels": ("fast", _choice(KERNEL_PATHS)),
     "cuda_kernels": (True, _bool),
-    "threads": (None, _int_at_least(1)),                     # None: _available_cpus()
+    "threads": (None, _int_at_least(1)),                 # None: _available_cpus()
     "scratch": ("reuse", _choice(SCRATCH_POLICIES)),
-    "parallel_min_bytes": (4 << 20, _int_at_least(0)),
+    "keep_workspaces": (True, _bool),
+    "parallel_min_bytes": (4 << 20, _int_at_least(0)),   # hand-off 30 us; small calls: the GIL
     "elementwise_block_bytes": (1 << 20, _int_at_least(1)),
-    "batchnorm_block_bytes": (2 << 20, _int_at_least(1)),
-    "conv_parallel_min_macs": (1 << 25, _int_at_least(0)),
-    "conv_chunk_bytes": (2 << 20, _int_at_least(1)),         # L2-sized: 5-45% faster than whole pieces
+    "batchnorm_block_bytes": (2 << 20, _int_at_least(1)),    # 256/512 KiB: +14/+4 ms a step
+    "conv_parallel_min_macs": (1 << 25, _int_at_least(0)),   # 9-19 M: two pieces no faster
+    "conv_chunk_bytes": (2 << 20, _int_at_least(1)),     # L2-sized: 5-45% faster than whole pieces
     "conv_chunk_rows": ((1024, 16384), _row_range),
-    "shifted_min_channels": (8, _int_at_least(1)),           # fewer: products of K = C are too thin
+    "shifted_min_channels": (8, _int_at_least(1)),       # fewer: products of K = C are too thin
     "shifted_max_waste": (1.2, _number_at_least(1.0)),   # 32x32 3x3 'same' is 1.13, 16x16 1.27
-    "depthwise_block_bytes": (1 << 20, _int_at_least(1)),
-    "depthwise_threaded_block_bytes": (64 << 20, _int_at_least(1)),
-    "depthwise_tile_values": (1024, _int_at_least(1)),
+    "depthwise_block_bytes": (1 << 20, _int_at_least(1)),    # in cache: backward 1.9x faster
+    "depthwise_threaded_block_bytes": (64 << 20, _int_at_least(1)),   # fewer, longer calls
+    "depthwise_tile_values": (1024, _int_at_least(1)),       # inner loop of k*C values: 1.5x
 }
 
 ENVIRONMENT = {"kernels": "MINICNN_KERNELS", "cuda_kernels": "MINICNN_CUDA_KERNELS",
@@ -116,7 +122,7 @@ ENVIRONMENT = {"kernels": "MINICNN_KERNELS", "cuda_kernels": "MINICNN_CUDA_KERNE
 
 
 class Settings:
-    """The kernels' runtime settings (see the module docstring): attributes, checked on assignment."""
+    """The kernels' runtime settings (see the module docstring), checked on assignment."""
 
     __slots__ = tuple(FIELDS)
 

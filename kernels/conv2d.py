@@ -13,20 +13,20 @@ pixel, ``(f * w)(x, y) = sum_{dx=-a..a} sum_{dy=-b..b} w(a+dx, b+dy) f(x+dx, y+d
 The algorithm (Chainer's im2col): copy every window into one matrix ``cols: (N*Ho*Wo, kh*kw*C)``
 with kh*kw strided copies, then do ONE matrix product. The chain rule on the sum above gives::
 
-    y  = cols @ w                 conv2d_forward
-    dw = cols.T @ dy              conv2d_backward_filter
-    dx = col2im(dy @ w.T)         conv2d_transpose: each window's gradient added back where it was read
-    db = sum_{n, oy, ox} dy       bias_gradient
+    y  = cols @ w             conv2d_forward
+    dw = cols.T @ dy          conv2d_backward_filter
+    dx = col2im(dy @ w.T)     conv2d_transpose: each window's gradient added back where it was read
+    db = sum_{n, oy, ox} dy   bias_gradient
 
 Transposed convolution is not a separate algorithm: the input gradient of ``conv2d_forward`` IS
 the transposed convolution (Keras' ``Conv2DTranspose``, whose kernel ``(kh, kw, out, in)`` is this
 HWIO kernel), and the transposed convolution's gradients are ``conv2d_forward`` (for its input)
 and ``conv2d_backward_filter`` with the two activations swapped (``minicnn/functions/conv.py``).
 
-These are the plain kernels: one thread, no reused buffers. ``kernels.dispatch`` runs the tuned CPU
-twins of ``kernels/fast/conv2d.py`` or the CUDA ones of ``kernels/cuda/conv.py`` instead, which tests
-hold to these; ``mc.config.kernels = "plain"`` (or ``with mc.config.override(kernels="plain")``)
-runs these.
+These are the plain kernels: one thread, no reused buffers. ``kernels.dispatch`` runs the tuned
+CPU twins of ``kernels/fast/conv2d.py`` or the CUDA ones of ``kernels/cuda/conv.py`` instead, which
+tests hold to these; ``mc.config.kernels = "plain"`` (or ``with mc.config.override(kernels=
+"plain")``) runs these.
 
 References: Dumoulin & Visin, "A guide to convolution arithmetic for deep learning" (2016);
 Chainer ``chainer/utils/conv.py``; Keras 3 ``Conv2D`` / ``Conv2DTranspose`` documentation.

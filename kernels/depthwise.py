@@ -14,7 +14,7 @@ whole ``(N, Ho, Wo, C)`` views of the input (``kernels.windows.tap``) by ``w[i, 
     dw[i, j, c, m] = sum_{n, oy, ox} xpad[n, oy*sh + i*dh, ox*sw + j*dw, c] * dy[n, oy, ox, c*M + m]
     dxpad[n, oy*sh + i*dh, ox*sw + j*dw, c] += sum_m w[i, j, c, m] * dy[n, oy, ox, c*M + m]
 
-and db = ``kernels.conv2d.bias_gradient(dy)``. The tuned CPU twins are in ``kernels/fast/depthwise.py``.
+and db = ``kernels.conv2d.bias_gradient(dy)``. The tuned CPU twins: ``kernels/fast/depthwise.py``.
 
 Reference: Chollet, "Xception" (2017); Keras 3 ``DepthwiseConv2D`` documentation.
 """

@@ -1,4 +1,4 @@
-"""Up-sampling of NHWC images by integer factors (sh, sw): nearest and bilinear, forward and backward.
+"""Up-sampling of NHWC images by integer factors (sh, sw), nearest and bilinear, both ways.
 
     nearest:  y[n, i, j, c] = x[n, i // sh, j // sw, c]; dx sums dy over each sh x sw block.
     bilinear: Keras 3's image resize (TF ``resize_bilinear`` with half-pixel centres): output row

@@ -81,7 +81,7 @@ def copy_of(view):
 
 
 def tap(xpad, g, i: int, j: int):
-    """The view ``xpad[:, i*dh :: sh, j*dw :: sw]`` cut to (N, Ho, Wo, C): kernel tap (i, j) at every
-    output position (see the module docstring)."""
+    """The view ``xpad[:, i*dh :: sh, j*dw :: sw]`` cut to (N, Ho, Wo, C): kernel tap (i, j) at
+    every output position (see the module docstring)."""
     (ho, wo), (sh, sw), (dh, dw) = g.out_hw, g.strides, g.dilation
     return xpad[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]

@@ -19,19 +19,23 @@ import weakref
 import numpy as np
 
 from kernels import backend
+from kernels.config import settings as kernel_settings
 
 _grad_enabled = True
 
 
 @contextlib.contextmanager
 def no_grad():
-    """Within this block, operations build no graph (inference, optimizer updates)."""
+    """Within this block, operations build no graph (inference, optimizer updates), and the tuned
+    kernels keep nothing for a backward pass (``mc.config.keep_workspaces``)."""
     global _grad_enabled
     previous, _grad_enabled = _grad_enabled, False
+    keep, kernel_settings.keep_workspaces = kernel_settings.keep_workspaces, False
     try:
         yield
     finally:
         _grad_enabled = previous
+        kernel_settings.keep_workspaces = keep
 
 
 def is_grad_enabled() -> bool:

@@ -26,6 +26,12 @@ one thread per product meanwhile (``runtime.run_pieces``). Convolutions below
 ``mc.config.conv_parallel_min_macs`` multiply-adds run as one piece. Partial sums over pieces
 (dw, db) are added in piece order: results are deterministic for a given thread count.
 Temporaries are reused between calls (``Scratch("conv2d")``); results never share them.
+
+Buffers shared between calls (``kernels.fast.memo``): ``conv2d_forward`` keeps its workspace (the
+padded input, or im2col's window matrix, new arrays) for the filter gradient of the same input
+unless ``mc.config.keep_workspaces`` is off (``minicnn.no_grad()``); the stride-1
+input gradient keeps its zero-bordered dy (when it is the forward's grid) for the filter
+gradient of the same dy; the filter gradient keeps the sums of dy for ``bias_gradient``.
 """
 from __future__ import annotations
 
@@ -35,12 +41,14 @@ from kernels.config import settings
 from kernels.conv2d import filter_geometry, forward_geometry, transpose_geometry
 from kernels.fast.runtime import (even_bounds, image_groups, piece_threads, run_pieces,
                                   single_threaded_blas, split_work)
-from kernels.fast.scratch import Scratch
+from kernels.fast.memo import Memo
+from kernels.fast.scratch import Scratch, unchanged
 from kernels.shapes import conv_geometry
 from kernels.windows import copy_of, tap
 
 ALGORITHMS = ("im2col", "shifted")
 scratch = Scratch("conv2d")
+memo = Memo()        # what one call derives from an array and a later call reads (see below)
 
 
 # --------------------------------------------------------------------------- choosing
@@ -90,7 +98,12 @@ def conv2d_forward(x, w, b=None, *, strides=1, dilation=1, padding="valid", algo
     or 'shifted'. The bias is added while each piece's output is in cache."""
     fn = "conv2d_forward"
     g = forward_geometry(fn, x, w, b, strides=strides, dilation=dilation, padding=padding)
-    return _forward(x, w, b, g, _resolve(fn, algorithm, g, x.shape[3]), slot="xpad")
+    algorithm = _resolve(fn, algorithm, g, x.shape[3])
+    keep = settings.keep_workspaces
+    y, workspace = _forward(x, w, b, g, algorithm, keep=keep)
+    if keep and workspace is not None:
+        memo.put(x, ("workspace", algorithm, g), workspace)
+    return y
 
 
 def conv2d_transpose(y, w, b=None, *, output_size, strides=1, dilation=1, padding="valid",
@@ -114,15 +127,26 @@ def conv2d_backward_filter(x, grad_y, *, kernel_size, strides=1, dilation=1, pad
     fn = "conv2d_backward_filter"
     g = filter_geometry(fn, x, grad_y, kernel_size=kernel_size, strides=strides,
                         dilation=dilation, padding=padding)
-    if _resolve(fn, algorithm, g, x.shape[3]) == "im2col":
-        return _filter_gradient_im2col(x, grad_y, g)
-    return _filter_gradient_shifted(pad_input(x, g.pads, slot="filter_xpad"), grad_y, g)
+    algorithm = _resolve(fn, algorithm, g, x.shape[3])
+    workspace = memo.take(x, ("workspace", algorithm, g))        # from conv2d_forward(x, ...)
+    if workspace is not None and (workspace.dtype != grad_y.dtype):
+        workspace = None
+    if algorithm == "im2col":
+        dw, db = _filter_gradient_im2col(x, grad_y, g, workspace)
+    else:
+        xpad = pad_input(x, g.pads, slot="filter_xpad") if workspace is None else workspace
+        dw, db = _filter_gradient_shifted(xpad, grad_y, g, _shared_dy_grid(grad_y, g))
+    memo.put(grad_y, "bias_gradient", db)
+    return dw
 
 
 def bias_gradient(grad_y):
     """``kernels.conv2d.bias_gradient`` as ``ones @ rows``: a BLAS product, about ten times faster
     than NumPy's reduction over leading axes. Large arrays: one single-threaded product per block
     of rows on the threads, the partial sums added in order."""
+    db = memo.take(grad_y, "bias_gradient")                   # from conv2d_backward_filter
+    if db is not None:
+        return db
     rows = grad_y.reshape(-1, grad_y.shape[-1])
     if rows.shape[0] == 0:
         return np.zeros(rows.shape[1], dtype=grad_y.dtype)
@@ -276,47 +300,60 @@ def row_taps(rows, start, count, g):
 
 # --------------------------------------------------------------------------- forward
 
-def _forward(x, w, b, g, algorithm, slot):
-    """y of the resolved ``algorithm``; ``slot`` names the padded input's temporary."""
+def _forward(x, w, b, g, algorithm, keep, slot="xpad"):
+    """``(y, workspace)`` of the resolved ``algorithm``. The workspace is what the filter gradient
+    reads (im2col: the window matrix; shifted: the padded input), None when it is x itself: new
+    arrays when ``keep``, else this thread's temporaries (``slot``: the padded input's)."""
     n, c, n_out = x.shape[0], x.shape[3], w.shape[3]
     y = np.empty((n, *g.out_hw, n_out), dtype=x.dtype)
     pieces = _pieces(n, g, c * n_out)
     if algorithm == "im2col":
-        _forward_im2col(x, w, b, g, y, pieces, slot)
-    else:
-        _forward_shifted(x, w, b, g, y, pieces, slot)
-    return y
+        return y, _forward_im2col(x, w, b, g, y, pieces, keep, slot)
+    return y, _forward_shifted(x, w, b, g, y, pieces, keep, slot)
 
 
-def _forward_im2col(x, w, b, g, y, pieces, slot):
-    """y = cols @ w per piece, ``cols`` the piece's windows in a per-thread temporary (the pixels
-    themselves for a 1x1 stride-1 unpadded kernel)."""
+def _forward_im2col(x, w, b, g, y, pieces, keep, slot):
+    """y = cols @ w per piece, ``cols`` the piece's windows (the pixels themselves for a 1x1
+    stride-1 unpadded kernel): in a per-thread temporary, or, with ``keep``, in one new window
+    matrix for all pieces, which is returned."""
     kh, kw, c, n_out = w.shape
     k = kh * kw * c
     w_mat = w.reshape(k, n_out)
     windows = None if is_pointwise(g) else window_view(pad_input(x, g.pads, slot=slot), g)
+    cols_all = np.empty((x.shape[0], *g.out_hw, kh, kw, c), dtype=x.dtype) \
+        if keep and windows is not None else None
 
     def piece(p):
         n0, n1, h0, h1 = p
-        cols = piece_windows(x, windows, g, p)
+        if cols_all is None:
+            cols = piece_windows(x, windows, g, p)
+        else:
+            cols = cols_all[n0:n1, h0:h1]
+            cols[...] = windows[n0:n1, h0:h1]
         np.matmul(cols.reshape(-1, k), w_mat, out=y[n0:n1, h0:h1].reshape(-1, n_out))
         if b is not None:
             add_bias(y[n0:n1, h0:h1], b)
     run_pieces(piece, pieces)
+    return cols_all
 
 
-def _forward_shifted(x, w, b, g, y, pieces, slot):
+def _forward_shifted(x, w, b, g, y, pieces, keep, slot):
     """y = sum_ij xpad_rows[shift_ij + r] @ w[i, j] over the flattened padded grid, grouped by
     kernel row: ``y = sum_i row_taps[i*dh*Wp + r] @ w[i]``, kh products of K = kw*C. Per piece, in
     chunks of rows whose taps stay in cache; a piece of whole images pads them itself first (they
     are then in cache for the products), and the piece's outputs (and the bias) are copied out of
-    its per-thread grid while they are in cache."""
+    its per-thread grid while they are in cache. Returns the padded input (a new array with
+    ``keep``, else the temporary ``slot``), None without padding."""
     n, _, _, c = x.shape
     hp, wp = g.padded_hw
     (kh, kw), dh = g.kernel_hw, g.dilation[0]
     n_out = w.shape[3]
     padded = g.pads != ((0, 0), (0, 0))
-    xpad = scratch.get(slot, (n, hp, wp, c), x.dtype) if padded else x
+    if not padded:
+        xpad = x
+    else:
+        xpad = np.empty((n, hp, wp, c), dtype=x.dtype) if keep else \
+            scratch.get(slot, (n, hp, wp, c), x.dtype)
     pad_in_pieces = padded and all(p[2:] == (0, g.out_hw[0]) for p in pieces)
     if padded and not pad_in_pieces:           # bands read their neighbours' rows: pad first
         pad_input(x, g.pads, out=xpad)
@@ -345,6 +382,7 @@ def _forward_shifted(x, w, b, g, y, pieces, slot):
         else:
             add_bias(y[n0:n1, h0:h1], b, crop=place.crop(grid, g.out_hw[1]))
     run_pieces(piece, pieces)
+    return xpad if padded else None
 
 
 # --------------------------------------------------------------------------- input gradient
@@ -362,21 +400,38 @@ def _transpose_as_forward(fn, dy, w, g, algorithm):
     i' = kh-1-i that reads dy padded by ``(kh-1)*d - top`` above (and ``(kh-1)*d - bottom``
     below) at r + i'*d: a correlation. Paddings larger than the window's reach give a negative
     amount: those rows of dy only ever saw zeros and are cropped away.
+
+    With a 'same'-like padding (top + bottom and left + right equal to the reach) the padded dy
+    has the forward's (Hp, Wp), and it is also the filter gradient's dy grid (dy at the top-left,
+    zero on the dropped border, ``offset`` rows further on): it is kept for that (``memo``).
     """
     (kh, kw), (dh, dw) = g.kernel_hw, g.dilation
     (top, bottom), (left, right) = g.pads
     reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
     amounts = ((reach_h - top, reach_h - bottom), (reach_w - left, reach_w - right))
     (ct, cb), (cl, cr) = [[max(0, -a) for a in pair] for pair in amounts]
+    grad_y = dy
     if ct or cb or cl or cr:
         dy = copy_of(dy[:, ct:dy.shape[1] - cb, cl:dy.shape[2] - cr])
     pads = tuple(tuple(max(0, a) for a in pair) for pair in amounts)
     twin = conv_geometry(fn, dy.shape[1:3], (kh, kw), dilation=g.dilation, padding=pads)
     algorithm = _resolve(fn, algorithm, twin, dy.shape[3])
-    dx = _forward(dy, flipped_kernel(w), None, twin, algorithm, slot="dy_pad")
+    dx, workspace = _forward(dy, flipped_kernel(w), None, twin, algorithm, keep=False,
+                             slot="dy_pad")
     if dx.shape[1:3] != g.in_hw:            # cannot happen for a valid geometry; guards a bug
         raise AssertionError(f"{fn}: {dx.shape} vs {g.in_hw}")
+    if algorithm == "shifted" and workspace is not None and twin.padded_hw == g.padded_hw \
+            and top + bottom == reach_h and left + right == reach_w:
+        offset = pads[0][0] * g.padded_hw[1] + pads[1][0]
+        memo.put(grad_y, ("dy_grid", g), (workspace.reshape(-1, dy.shape[3]), offset,
+                                          scratch.stamp("dy_pad", dy.dtype)))
     return dx
+
+
+def _shared_dy_grid(grad_y, g):
+    """``(rows, offset)`` of the input gradient's padded dy when it is still there, else None."""
+    kept = memo.take(grad_y, ("dy_grid", g))
+    return None if kept is None or not unchanged(kept[2]) else kept[:2]
 
 
 def _transpose_im2col(dy, w, g):
@@ -401,29 +456,44 @@ def _transpose_im2col(dy, w, g):
 
 # --------------------------------------------------------------------------- filter gradient
 
-def _filter_gradient_im2col(x, grad_y, g):
-    """dw = cols.T @ dy: ``(kh*kw*C, N*Ho*Wo) @ (N*Ho*Wo, O)``, per piece (its windows copied into a
-    per-thread temporary; the pixels themselves for a pointwise kernel), partial sums added in
-    order."""
+def _bias_part(grad_y, piece):
+    n0, n1, h0, h1 = piece
+    rows = grad_y[n0:n1, h0:h1].reshape(-1, grad_y.shape[3])
+    return np.ones(rows.shape[0], dtype=grad_y.dtype) @ rows
+
+
+def _filter_gradient_im2col(x, grad_y, g, cols_all=None):
+    """``(dw, db)``: dw = cols.T @ dy, ``(kh*kw*C, N*Ho*Wo) @ (N*Ho*Wo, O)``, per piece (the
+    forward's window matrix ``cols_all``, or each piece's windows copied into a per-thread
+    temporary; the pixels themselves for a pointwise kernel); db from the same pieces of dy.
+    Partial sums added in order."""
     n, c, n_out = x.shape[0], x.shape[3], grad_y.shape[3]
     kh, kw = g.kernel_hw
     k = kh * kw * c
-    windows = None if is_pointwise(g) else window_view(pad_input(x, g.pads, slot="filter_xpad"), g)
+    windows = None if is_pointwise(g) or cols_all is not None else \
+        window_view(pad_input(x, g.pads, slot="filter_xpad"), g)
 
     def piece(p):
         n0, n1, h0, h1 = p
-        cols = piece_windows(x, windows, g, p)
-        return cols.reshape(-1, k).T @ grad_y[n0:n1, h0:h1].reshape(-1, n_out)
-    return _sum_parts(run_pieces(piece, _pieces(n, g, c * n_out))).reshape(kh, kw, c, n_out)
+        cols = cols_all[n0:n1, h0:h1] if cols_all is not None else piece_windows(x, windows, g, p)
+        dy = grad_y[n0:n1, h0:h1].reshape(-1, n_out)
+        return cols.reshape(-1, k).T @ dy, _bias_part(grad_y, p)
+    parts = run_pieces(piece, _pieces(n, g, c * n_out))
+    return (_sum_parts([p[0] for p in parts]).reshape(kh, kw, c, n_out),
+            _sum_parts([p[1] for p in parts]))
 
 
-def _filter_gradient_shifted(xpad, grad_y, g):
-    """dw[i, j] = sum_r xpad_rows[shift_ij + r].T @ dy_rows[r] over the flattened padded grid,
-    ``dy_rows`` being dy at the top-left of each piece's grid (zero on the dropped border).
+def _filter_gradient_shifted(xpad, grad_y, g, dy_grid=None):
+    """``(dw, db)``: dw[i, j] = sum_r xpad_rows[shift_ij + r].T @ dy_rows[r] over the flattened
+    padded grid, ``dy_rows`` being dy at the top-left of each piece's grid (zero on the dropped
+    border); db from the same pieces of dy.
 
     Grouped by kernel row as the forward: ``dw[i] = sum_r row_taps[i*dh*Wp + r].T @ dy_rows[r]``,
     kh products of M = kw*C per chunk of rows (the chunk's taps in cache: long thin products that
-    stream the whole piece ran 1.3-2x slower), partial sums added in order."""
+    stream the whole piece ran 1.3-2x slower), partial sums added in order. ``dy_grid``:
+    ``(rows, offset)``, dy already in a zero-bordered grid of the same (Hp, Wp) (the input
+    gradient's padded dy), dy_rows[r] = rows[offset + r]; else each piece fills a per-thread
+    grid."""
     n, _, wp, c = xpad.shape
     (kh, kw), dh = g.kernel_hw, g.dilation[0]
     n_out = grad_y.shape[3]
@@ -434,11 +504,15 @@ def _filter_gradient_shifted(xpad, grad_y, g):
     def piece(p):
         n0, n1, h0, h1 = p
         place = _Grid(g, n, p)
-        grid = scratch.get("dy_grid", (place.size, n_out), grad_y.dtype)
-        inside = grid.reshape(place.images, place.grid_h, wp, n_out)
-        inside[:, :place.rows, wo:] = 0
-        inside[:, place.rows:] = 0
-        inside[:, :place.rows, :wo] = grad_y[n0:n1, h0:h1]
+        if dy_grid is not None:
+            shared, offset = dy_grid
+            grid = shared[offset + place.start:offset + place.start + place.count]
+        else:
+            grid = scratch.get("dy_grid", (place.size, n_out), grad_y.dtype)
+            inside = grid.reshape(place.images, place.grid_h, wp, n_out)
+            inside[:, :place.rows, wo:] = 0
+            inside[:, place.rows:] = 0
+            inside[:, :place.rows, :wo] = grad_y[n0:n1, h0:h1]
         dw = np.empty((kh, kw * c, n_out), dtype=grad_y.dtype)
         part = scratch.get("dw_part", (kw * c, n_out), grad_y.dtype)
         for first in range(0, place.count, chunk):
@@ -452,6 +526,7 @@ def _filter_gradient_shifted(xpad, grad_y, g):
                 else:
                     np.matmul(taps_i, dy_rows, out=part)
                     dw[i] += part
-        return dw
+        return dw, _bias_part(grad_y, p)
     parts = run_pieces(piece, _pieces(n, g, c * n_out))
-    return _sum_parts(parts).reshape(kh, kw, c, n_out)
+    return (_sum_parts([p[0] for p in parts]).reshape(kh, kw, c, n_out),
+            _sum_parts([p[1] for p in parts]))

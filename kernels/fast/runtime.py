@@ -70,7 +70,7 @@ def run_pieces(fn, pieces):
         return parallel_map(fn, pieces)
 
 
-# -- the thread pool --------------------------------------------------------------------------------
+# -- the thread pool ------------------------------------------------------------------------------
 
 _pool, _pool_owner = None, None
 _inside = threading.local()          # set while a thread runs items of a parallel_map

@@ -18,6 +18,7 @@ from kernels.config import settings
 
 _lock = threading.Lock()
 _buffers = {}        # (namespace, thread id, slot, dtype) -> 1-D array
+_handed = {}         # the same keys -> how many times the slot was handed out
 
 
 class Scratch:
@@ -31,7 +32,8 @@ class Scratch:
         unless ``zero``; valid until this thread asks for the same slot again."""
         if settings.scratch == "fresh":
             return np.zeros(shape, dtype=dtype) if zero else np.empty(shape, dtype=dtype)
-        size, key = math.prod(shape), (self.namespace, threading.get_ident(), slot, np.dtype(dtype))
+        size, key = math.prod(shape), self._key(slot, dtype)
+        _handed[key] = _handed.get(key, 0) + 1
         buffer = _buffers.get(key)
         if buffer is None or buffer.size < size:
             buffer = np.empty(size, dtype=dtype)
@@ -42,9 +44,29 @@ class Scratch:
             out.fill(0)
         return out
 
+    def stamp(self, slot: str, dtype):
+        """A token for this thread's ``slot`` as last handed out (None when scratch is "fresh":
+        nothing is shared then); ``unchanged(token)`` tells whether it is still that buffer."""
+        if settings.scratch == "fresh":
+            return None
+        key = self._key(slot, dtype)
+        return key, _handed.get(key)
+
     def release(self):
         """Free this family's temporaries, on every thread."""
         release(self.namespace)
+
+    def _key(self, slot, dtype):
+        return self.namespace, threading.get_ident(), slot, np.dtype(dtype)
+
+
+def unchanged(token) -> bool:
+    """Whether the slot of ``token`` (``Scratch.stamp``) was neither handed out again nor released
+    since: its buffer still holds what was written into it."""
+    if token is None:
+        return True
+    key, handed = token
+    return handed is not None and _handed.get(key) == handed and key in _buffers
 
 
 def release(namespace=None):

@@ -1,14 +1,14 @@
 """Differentiable activations (``minicnn.Function`` subclasses over ``kernels.activations``) and
 ``get(identifier)``, which turns a Keras activation name into a Tensor -> Tensor callable.
 
-    relu(x)                            y = max(x, 0)                    dx = g [y > 0]
-    leaky_relu(x, negative_slope=0.3)  y = x (x >= 0), alpha x (x < 0)  dx = g (1 if x > 0 else alpha)
-    sigmoid(x)                         y = 1 / (1 + exp(-x))            dx = g y (1 - y)
-    tanh(x)                            y = tanh(x)                      dx = g (1 - y^2)
-    softmax(x, axis=-1)                y = exp(x) / sum exp(x)          dx = y (g - sum(g y))
-    log_softmax(x, axis=-1)            z = x - log sum exp(x)           dx = g - exp(z) sum(g)
+    relu(x)                            y = max(x, 0)                  dx = g [y > 0]
+    leaky_relu(x, negative_slope=0.3)  y = x (x >= 0), a x (x < 0)    dx = g (1 if x > 0 else a)
+    sigmoid(x)                         y = 1 / (1 + exp(-x))          dx = g y (1 - y)
+    tanh(x)                            y = tanh(x)                    dx = g (1 - y^2)
+    softmax(x, axis=-1)                y = exp(x) / sum exp(x)        dx = y (g - sum(g y))
+    log_softmax(x, axis=-1)            z = x - log sum exp(x)         dx = g - exp(z) sum(g)
     relu(x, negative_slope=, max_value=, threshold=)   Keras' general ReLU (see ``GeneralReLU``)
-    dropout(x, rate=)                  y = x * mask, mask = [u >= rate] / (1 - rate)   dx = g * mask
+    dropout(x, rate=)                  y = x * mask, mask = [u >= rate] / (1 - rate), dx = g * mask
 
 Settings are keyword-only. ReLU runs through ``kernels.dispatch`` (its tuned CPU twin).
 On the GPU, dropout draws its mask there, from a CuPy generator seeded once from the NumPy

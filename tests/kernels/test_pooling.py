@@ -145,7 +145,7 @@ def test_avg_pool_gradient(setting, seed):
 
 def test_avg_pool_same_excludes_padding():
     x = np.arange(9.0).reshape(1, 3, 3, 1)
-    y = P.avg_pool2d_forward(x, pool_size=2, strides=2, padding="same")    # pads one row/column at bottom/right
+    y = P.avg_pool2d_forward(x, pool_size=2, strides=2, padding="same")  # pads a row/column at the end
     np.testing.assert_allclose(y[0, :, :, 0], [[(0 + 1 + 3 + 4) / 4, (2 + 5) / 2],
                                                [(6 + 7) / 2, 8 / 1]])
     ones = np.ones((2, 5, 4, 3))
@@ -170,7 +170,8 @@ def test_global_avg_pool(device, shape, dtype, seed):
         (shape[0], 1, 1, shape[3])
     dy = rng.standard_normal(y.shape).astype(dtype)
     dx = P.global_avg_pool2d_backward(to_device(dy, device), input_size=shape[1:3])
-    np.testing.assert_allclose(to_numpy(dx), P.global_avg_pool2d_backward_reference(dy, input_size=shape[1:3]),
+    np.testing.assert_allclose(to_numpy(dx),
+                               P.global_avg_pool2d_backward_reference(dy, input_size=shape[1:3]),
                                **TOL[dtype])
     dx4 = P.global_avg_pool2d_backward(to_device(dy.reshape(shape[0], 1, 1, -1), device),
                                        input_size=shape[1:3])

@@ -28,13 +28,15 @@ def test_upsample_equals_reference(device, shape, size, interpolation, dtype, se
     y = U.upsample2d_forward(to_device(x, device), size=size, interpolation=interpolation)
     assert y.shape == (shape[0], shape[1] * size[0], shape[2] * size[1], shape[3])
     assert y.dtype == dtype
-    np.testing.assert_allclose(to_numpy(y), U.upsample2d_reference(x, size=size, interpolation=interpolation),
+    np.testing.assert_allclose(to_numpy(y),
+                               U.upsample2d_reference(x, size=size, interpolation=interpolation),
                                **TOL[dtype])
     dy = rng.standard_normal(y.shape).astype(dtype)
     dx = U.upsample2d_backward(to_device(dy, device), size=size, interpolation=interpolation)
     assert dx.shape == x.shape and dx.dtype == dtype
     np.testing.assert_allclose(to_numpy(dx),
-                               U.upsample2d_backward_reference(dy, size=size, interpolation=interpolation),
+                               U.upsample2d_backward_reference(dy, size=size,
+                                                               interpolation=interpolation),
                                **TOL[dtype])
 
 

@@ -37,7 +37,8 @@ import numpy as np
 
 from kernels.backend import get_array_module
 from kernels.shapes import conv_geometry
-from kernels.windows import check_float, check_images, check_kernel, check_shape, crop, pad, tap
+from kernels.windows import (check_float, check_images, check_kernel, check_shape, crop, pad,
+                             product, tap)
 
 
 # --------------------------------------------------------------------------- the contract
@@ -184,7 +185,7 @@ def conv2d_forward(x, w, b=None, *, strides=1, dilation=1, padding="valid"):
                          padding=padding)
     kh, kw, c, n_out = w.shape
     cols = im2col(x, g).reshape(-1, kh * kw * c)
-    y = (cols @ w.reshape(kh * kw * c, n_out)).reshape(x.shape[0], *g.out_hw, n_out)
+    y = product(cols, w.reshape(kh * kw * c, n_out)).reshape(x.shape[0], *g.out_hw, n_out)
     if b is not None:
         y += b
     return y
@@ -201,7 +202,7 @@ def conv2d_transpose(y, w, b=None, *, output_size, strides=1, dilation=1, paddin
     g = transpose_geometry("conv2d_transpose", y, w, b, output_size=output_size, strides=strides,
                            dilation=dilation, padding=padding)
     kh, kw, c, n_out = w.shape
-    dcols = y.reshape(-1, n_out) @ w.reshape(kh * kw * c, n_out).T
+    dcols = product(y.reshape(-1, n_out), w.reshape(kh * kw * c, n_out).T)
     x = col2im(dcols.reshape(y.shape[0], *g.out_hw, kh, kw, c), (y.shape[0], *g.in_hw, c), g)
     if b is not None:
         x += b
@@ -215,7 +216,7 @@ def conv2d_backward_filter(x, grad_y, *, kernel_size, strides=1, dilation=1, pad
                         strides=strides, dilation=dilation, padding=padding)
     (kh, kw), c, n_out = g.kernel_hw, x.shape[3], grad_y.shape[3]
     cols = im2col(x, g).reshape(-1, kh * kw * c)
-    return (cols.T @ grad_y.reshape(-1, n_out)).reshape(kh, kw, c, n_out)
+    return product(cols.T, grad_y.reshape(-1, n_out)).reshape(kh, kw, c, n_out)
 
 
 def bias_gradient(grad_y):

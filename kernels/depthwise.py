@@ -143,11 +143,10 @@ def depthwise_conv2d_backward_filter(x, grad_y, *, kernel_size, strides=1, dilat
     -> ``(kh, kw, C, M)``, per tap the sum over the pixels of ``x_tap * dy``."""
     g = filter_geometry("depthwise_conv2d_backward_filter", x, grad_y, kernel_size=kernel_size,
                         strides=strides, dilation=dilation, padding=padding)
-    xp = get_array_module(x, grad_y)
     c = x.shape[3]
     dy = grad_y.reshape(x.shape[0], *g.out_hw, c, grad_y.shape[3] // c)
     xpad = pad(x, g.pads)
-    dw = xp.empty((*g.kernel_hw, *dy.shape[3:]), dtype=x.dtype)
+    dw = get_array_module(x, grad_y).empty((*g.kernel_hw, *dy.shape[3:]), dtype=x.dtype)
     for i, j in np.ndindex(*g.kernel_hw):
-        dw[i, j] = xp.einsum("nhwc,nhwcm->cm", tap(xpad, g, i, j), dy)
+        dw[i, j] = (tap(xpad, g, i, j)[..., None] * dy).sum(axis=(0, 1, 2))    # (C, M)
     return dw

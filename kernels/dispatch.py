@@ -7,7 +7,8 @@ signatures and docstrings; each call picks one implementation from its arrays an
 
     mc.config.kernels == "plain"            the plain kernel, whatever the device
     NumPy arrays                            the tuned CPU twin (where there is one), else plain
-    CuPy arrays, mc.config.cuda_kernels     the CUDA twin (where there is one), else plain
+    CuPy arrays, mc.config.cuda_kernels     the CUDA twin (where there is one, for float32 and
+                                            float64 arrays), else plain
     CuPy arrays, not mc.config.cuda_kernels the plain kernel (its array code runs on CuPy)
 
 The arrays are the positional arguments (arrays come first, settings are keyword-only); a tuple
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 
 from kernels import (activations, arrays, conv2d, cuda, depthwise, losses, normalization, pooling,
                      upsampling)
-from kernels.backend import is_gpu_array
+from kernels.backend import cuda_kernels_enabled, is_floating, is_gpu_array
 from kernels.config import settings
 from kernels.fast import activations as fast_activations
 from kernels.fast import arrays as fast_arrays
@@ -42,18 +43,22 @@ class Twins:
     cuda_applies: Optional[Callable] = None
 
 
-def on_gpu(args) -> bool:
-    """Whether any positional argument (or an item of a tuple among them) is a CuPy array."""
-    return any(is_gpu_array(a) or isinstance(a, tuple) and any(is_gpu_array(b) for b in a)
-               for a in args)
+def arrays_of(args):
+    """The positional arguments that are arrays, and the array items of tuples among them."""
+    items = [b for a in args for b in (a if isinstance(a, tuple) else (a,))]
+    return [a for a in items if hasattr(a, "dtype") and hasattr(a, "shape")]
 
 
 def implementation(twins: Twins, args, kwargs) -> Callable:
-    """The function that runs this call (see the module docstring)."""
+    """The function that runs this call (see the module docstring). The CUDA twins take
+    float32 and float64 arrays only (``backend.cuda_kernels_enabled``): float16 and bfloat16
+    ones run the plain array code."""
     if settings.kernels == "plain":
         return twins.plain
-    if on_gpu(args):
-        if twins.cuda is not None and settings.cuda_kernels and \
+    arrays = arrays_of(args)
+    if any(is_gpu_array(a) for a in arrays):
+        floating = [a for a in arrays if is_floating(a.dtype)]
+        if twins.cuda is not None and cuda_kernels_enabled(*floating) and \
                 (twins.cuda_applies is None or twins.cuda_applies(*args, **kwargs)):
             return twins.cuda
         return twins.plain

@@ -9,7 +9,7 @@ add their gradients back through it). ``g`` is a ``kernels.shapes.Geometry``.
 """
 from __future__ import annotations
 
-from kernels.backend import get_array_module
+from kernels.backend import get_array_module, is_floating
 
 
 def check_images(fn: str, name: str, x):
@@ -19,10 +19,11 @@ def check_images(fn: str, name: str, x):
 
 
 def check_float(fn: str, **arrays):
-    """One floating dtype for all the named arrays (None skipped): float32 stays float32."""
+    """One floating dtype for all the named arrays (None skipped; bfloat16 counts): float32 stays
+    float32."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
     for name, dtype in dtypes.items():
-        if dtype.kind != "f":
+        if not is_floating(dtype):
             raise TypeError(f"{fn}: {name} must be a floating array, got dtype {dtype}")
     if len(set(dtypes.values())) > 1:
         detail = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
@@ -78,6 +79,11 @@ def copy_of(view):
     out = get_array_module(view).empty(view.shape, dtype=view.dtype)
     out[...] = view
     return out
+
+
+def product(a, b):
+    """``a @ b`` in a's dtype (NumPy's product of bfloat16 arrays, ml_dtypes, is float32)."""
+    return (a @ b).astype(a.dtype, copy=False)
 
 
 def tap(xpad, g, i: int, j: int):

@@ -154,7 +154,8 @@ def bias_gradient(grad_y):
     bounds = even_bounds(rows.shape[0], parts)
     ones = np.ones(bounds[0][1] - bounds[0][0] + 1, dtype=grad_y.dtype)
     with single_threaded_blas():
-        return _sum_parts(run_pieces(lambda p: ones[:p[1] - p[0]] @ rows[p[0]:p[1]], bounds))
+        parts = run_pieces(lambda p: ones[:p[1] - p[0]] @ rows[p[0]:p[1]], bounds)
+    return _sum_parts(parts).astype(grad_y.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -479,8 +480,9 @@ def _filter_gradient_im2col(x, grad_y, g, cols_all=None):
         dy = grad_y[n0:n1, h0:h1].reshape(-1, n_out)
         return cols.reshape(-1, k).T @ dy, _bias_part(grad_y, p)
     parts = run_pieces(piece, _pieces(n, g, c * n_out))
-    return (_sum_parts([p[0] for p in parts]).reshape(kh, kw, c, n_out),
-            _sum_parts([p[1] for p in parts]))
+    return (_sum_parts([p[0] for p in parts]).reshape(kh, kw, c, n_out).astype(x.dtype,
+                                                                               copy=False),
+            _sum_parts([p[1] for p in parts]).astype(x.dtype, copy=False))
 
 
 def _filter_gradient_shifted(xpad, grad_y, g, dy_grid=None):
@@ -529,4 +531,4 @@ def _filter_gradient_shifted(xpad, grad_y, g, dy_grid=None):
         return dw, _bias_part(grad_y, p)
     parts = run_pieces(piece, _pieces(n, g, c * n_out))
     return (_sum_parts([p[0] for p in parts]).reshape(kh, kw, c, n_out),
-            _sum_parts([p[1] for p in parts]))
+            _sum_parts([p[1] for p in parts]).astype(grad_y.dtype, copy=False))

@@ -10,18 +10,17 @@
    failure is visible in the code (its output was not kept), so the GPU test runs the dropped
    assertion on a fixed grid (outside hypothesis, each failing case named) against both
    backwards: one GPU run says which case, if any, still fails.
-2. im2col / col2im dispatch from kernels.conv2d (a stand-in array module on the CPU; on a GPU,
-   a whole convolution forward and backward through the CUDA kernels against the array code),
-   and float16 / bfloat16 arrays kept on the array code (no CUDA instantiation for them).
+2. The convolution's CUDA twins chosen by kernels.dispatch for CuPy arrays (stand-in arrays on
+   the CPU; on a GPU, a whole convolution forward and backward through the CUDA kernels against
+   the array code), and float16 / bfloat16 arrays kept on the array code (no CUDA instantiation
+   for them).
 3. Dropout's device generator: cuRAND on the GPU, seeded from the package generator.
 4. scatter_add on the GPU for the target dtypes its docstring promises.
 5. A mixed-precision fit on the device.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
-import types
 
 import numpy as np
 import pytest
@@ -29,7 +28,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn as mc
-from kernels import backend, conv2d, cuda, losses, pooling
+from kernels import backend, cuda, dispatch, losses
+from kernels.config import settings
 from kernels.backend import to_device, to_numpy
 from minicnn import mixed_precision as mp
 from minicnn.functions import activations as A
@@ -81,8 +81,8 @@ def test_numpy_backward_accepts_the_cuda_shaped_saved_tuple(shape, classes, dtyp
     labels = rng.integers(0, classes, shape)
     valid = rng.random(shape) > 0.3 if ignore else None
     class_weight = rng.uniform(0.5, 2, classes).astype(dtype) if weighted else None
-    _, saved_np = losses.sparse_categorical_crossentropy_forward(labels, logits, True,
-                                                                 class_weight, valid)
+    _, saved_np = losses.sparse_categorical_crossentropy_forward(labels, logits, class_weight,
+                                                                 valid, from_logits=True)
     g = rng.standard_normal(shape).astype(dtype)
     expected = losses.sparse_categorical_crossentropy_backward(g, saved_np)
     got = losses.sparse_categorical_crossentropy_backward(
@@ -108,15 +108,14 @@ def test_array_code_backward_on_the_cuda_saved_tuple(device):
         valid = rng.random(shape) > 0.3 if ignore else None
         class_weight = rng.uniform(0.5, 2, classes).astype(dtype) if weighted else None
         g = rng.standard_normal(shape).astype(dtype)
-        _, saved_np = losses.sparse_categorical_crossentropy_forward(labels, logits, True,
-                                                                     class_weight, valid)
+        _, saved_np = losses.sparse_categorical_crossentropy_forward(
+            labels, logits, class_weight, valid, from_logits=True)
         expected = losses.sparse_categorical_crossentropy_backward(g, saved_np)
         d = (lambda a: None if a is None else to_device(a, device))
         _, saved = cuda.sparse_categorical_crossentropy_forward_gpu(
-            d(labels), d(logits), True, d(class_weight), d(valid))
+            d(labels), d(logits), d(class_weight), d(valid), from_logits=True)
         by_cuda = cuda.sparse_categorical_crossentropy_backward_gpu(d(g), saved)
-        with backend.array_code_only():
-            by_array_code = losses.sparse_categorical_crossentropy_backward(d(g), saved)
+        by_array_code = losses.sparse_categorical_crossentropy_backward(d(g), saved)  # plain
         name = (f"shape={shape} classes={classes} {np.dtype(dtype).name} ignore={ignore} "
                 f"weighted={weighted} scale={scale}")
         if to_numpy(by_array_code).dtype != expected.dtype or \
@@ -133,105 +132,67 @@ def test_array_code_backward_on_the_cuda_saved_tuple(device):
     assert not failures, "\n".join(failures)
 
 
-# ============================================================ 2. im2col / col2im dispatch
+# ============================================================ 2. the convolution's CUDA twins
 
-class NumpyInDisguise(types.ModuleType):
-    """An array module that is not ``numpy`` (so a dispatch line fires) but is numpy."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
+class FakeGpuArray(np.ndarray):
+    """A NumPy array that ``kernels.backend.is_gpu_array`` takes for a CuPy one."""
 
 
-class Recorder:
-    """Stands for ``kernels.cuda``: binds each call to the real wrapper's signature, records
-    it, and returns a marker."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        real = getattr(cuda, name)
-
-        def wrapper(*args, **kwargs):
-            self.calls.append((name, inspect.signature(real).bind(*args, **kwargs).arguments))
-            return ("result of", name)
-        return wrapper
+FakeGpuArray.__module__ = "cupy._stand_in"
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    recorder = Recorder()
-    monkeypatch.setattr(backend, "_cuda_kernels", True)
-    disguise = NumpyInDisguise("cupy_stand_in")
-    for module in (conv2d, pooling):
-        monkeypatch.setattr(module, "get_array_module", lambda *arrays: disguise)
-        monkeypatch.setattr(module, "cuda", recorder)
-    return recorder
-
-
-def test_im2col_and_col2im_dispatch_to_the_cuda_kernels(fake_gpu, rng):
-    x = rng.standard_normal((2, 6, 7, 3)).astype(np.float32)
-    geometry = conv2d.conv_geometry("test", (6, 7), (3, 3), (2, 1), (1, 1), "same")
-    assert conv2d.im2col(x, geometry) == ("result of", "im2col_gpu")
-    assert fake_gpu.calls[-1] == ("im2col_gpu", {"x": x, "geometry": geometry})
-    cols = rng.standard_normal((2, *geometry.out_hw, 3, 3, 3)).astype(np.float32)
-    assert conv2d.col2im(cols, x.shape, geometry) == ("result of", "col2im_gpu")
-    assert fake_gpu.calls[-1] == ("col2im_gpu", {"cols": cols, "x_shape": x.shape,
-                                                 "geometry": geometry})
-    calls = len(fake_gpu.calls)
-    conv2d.col2im(cols, x.shape, geometry, out=np.empty(x.shape, np.float32))  # into `out`
-    assert len(fake_gpu.calls) == calls
+def test_cuda_twins_of_the_convolution_are_chosen_for_gpu_arrays(rng):
+    x = rng.standard_normal((2, 6, 7, 3)).astype(np.float32).view(FakeGpuArray)
+    w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32).view(FakeGpuArray)
+    with settings.override(kernels="fast", cuda_kernels=True):
+        assert dispatch.implementation(dispatch.conv2d_forward.twins, (x, w), {}) is \
+            cuda.conv2d_forward_gpu
+        assert dispatch.implementation(dispatch.conv2d_transpose.twins, (x, w), {}) is \
+            cuda.conv2d_transpose_gpu
+        assert dispatch.implementation(dispatch.conv2d_backward_filter.twins, (x, x), {}) is \
+            cuda.conv2d_backward_filter_gpu
 
 
 @pytest.mark.parametrize("low", ["float16", "bfloat16"])
-def test_low_precision_arrays_stay_on_the_array_code(fake_gpu, rng, low):
+def test_low_precision_arrays_stay_on_the_array_code(rng, low):
     """The .cu sources are built for float32 / float64 only: 16-bit arrays run the array code
     on the GPU (and give the NumPy results here)."""
     dtype = mp.as_dtype(low)
     x = rng.standard_normal((2, 6, 6, 3)).astype(dtype)
-    geometry = conv2d.conv_geometry("test", (6, 6), (3, 3), padding="same")
-    cols = conv2d.im2col(x, geometry)
-    y, argmax = pooling.max_pool2d_forward(x, 2)
-    assert fake_gpu.calls == []
-    assert cols.dtype == dtype and y.dtype == dtype
-    with backend.array_code_only():
-        np.testing.assert_array_equal(cols, conv2d.im2col(x, geometry))
-    assert backend.cuda_kernels_enabled(x.astype(np.float32), x.astype(np.float64))
-    assert not backend.cuda_kernels_enabled(x.astype(np.float32), x)
+    w = rng.standard_normal((3, 3, 3, 4)).astype(dtype)
+    with settings.override(kernels="fast", cuda_kernels=True):
+        for twins, args in ((dispatch.conv2d_forward.twins, (x, w)),
+                            (dispatch.max_pool2d_forward.twins, (x,)),
+                            (dispatch.batch_norm_forward_training.twins, (x,))):
+            assert dispatch.implementation(twins, tuple(a.view(FakeGpuArray) for a in args),
+                                           {}) is twins.plain
+        assert backend.cuda_kernels_enabled(x.astype(np.float32), x.astype(np.float64))
+        assert not backend.cuda_kernels_enabled(x.astype(np.float32), x)
+    y = dispatch.conv2d_forward(x, w, padding="same")
+    assert y.dtype == dtype
 
 
 @pytest.mark.parametrize("strides, dilation, padding", [((1, 1), (1, 1), "same"),
                                                         ((2, 2), (1, 1), "same"),
                                                         ((1, 1), (2, 2), "valid")])
-def test_convolution_through_the_cuda_window_kernels(device, rng, monkeypatch, strides, dilation,
-                                                     padding):
-    """On a GPU, conv2d's forward and both gradients with the CUDA im2col / col2im equal the
-    same functions on the array code, and the CUDA kernels were called."""
-    gpu_only(device, "dispatch to the CUDA window kernels needs CuPy arrays; the CPU analogue "
-                     "is test_im2col_and_col2im_dispatch_to_the_cuda_kernels")
-    used = []
-    for name in ("im2col_gpu", "col2im_gpu"):
-        real = getattr(cuda, name)
-        monkeypatch.setattr(cuda, name, (lambda real, name: lambda *a, **k: used.append(name)
-                                         or real(*a, **k))(real, name))
+def test_convolution_through_the_cuda_window_kernels(device, rng, strides, dilation, padding):
+    """On a GPU, conv2d's forward and both gradients through the CUDA twins equal the same
+    kernels on the array code."""
+    gpu_only(device, "the CUDA twins need CuPy arrays; the CPU analogue is "
+                     "test_cuda_twins_of_the_convolution_are_chosen_for_gpu_arrays")
     x = to_device(rng.standard_normal((2, 9, 8, 4)).astype(np.float32), device)
     w = to_device(rng.standard_normal((3, 3, 4, 5)).astype(np.float32), device)
+    conv = dict(strides=strides, dilation=dilation, padding=padding)
 
     def run():
-        y, workspace = conv2d.conv2d_forward(x, w, None, strides, dilation, padding,
-                                             algorithm="im2col", return_workspace=True)
+        y = dispatch.conv2d_forward(x, w, **conv)
         dy = y * 0.5 + 1.0
-        dx, dw, _ = conv2d.conv2d_backward(dy, x, w, strides, dilation, padding,
-                                           algorithm="im2col", need_bias=False)
+        dx = dispatch.conv2d_transpose(dy, w, output_size=(9, 8), **conv)
+        dw = dispatch.conv2d_backward_filter(x, dy, kernel_size=(3, 3), **conv)
         return [to_numpy(a) for a in (y, dx, dw)]
     mine = run()
-    assert "im2col_gpu" in used
-    if strides != (1, 1):
-        assert "col2im_gpu" in used
-    with backend.array_code_only():
-        used.clear()
+    with settings.override(cuda_kernels=False):
         twin = run()
-        assert used == []
     for name, a, b in zip(("y", "dx", "dw"), mine, twin):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
 
@@ -251,9 +212,9 @@ def test_dropout_draws_its_mask_on_the_device(device):
     assert abs(float(draw.mean()) - 0.5) < 1e-2
     x = Tensor(to_device(np.ones((64, 64, 64, 1), np.float32), device))
     mc.seed(5)
-    first = to_numpy(A.dropout(x, 0.3).data)
+    first = to_numpy(A.dropout(x, rate=0.3).data)
     mc.seed(6)
-    second = to_numpy(A.dropout(x, 0.3).data)
+    second = to_numpy(A.dropout(x, rate=0.3).data)
     assert abs(np.mean(first == 0) - 0.3) < 0.01
     assert np.mean(first != second) > 0.2              # another seed, another mask
 

@@ -17,6 +17,7 @@ import pytest
 
 import minicnn as mc
 from kernels import backend
+from kernels.config import settings
 from kernels.backend import to_device, to_numpy
 from kernels.cuda import adam as fused
 from minicnn import optimizers
@@ -72,7 +73,7 @@ def fused_on_the_cpu(monkeypatch):
         def is_gpu_array(array):
             return True
     monkeypatch.setattr(optimizers, "backend", GpuLooking())
-    monkeypatch.setattr(backend, "_cuda_kernels", True)
+    monkeypatch.setattr(settings, "cuda_kernels", True)     # restored after the test
 
     def twin(weights, grads, ms, vs, lr, beta_1, beta_2, epsilon, t):
         calls.append((len(weights), t))
@@ -89,7 +90,7 @@ def test_adam_dispatches_to_the_fused_kernel(fused_on_the_cpu, rng):
         for w, p, gi in zip(weights, plain, g):
             w.grad, p.grad = gi, gi
         opt.step(weights)
-        with backend.array_code_only():                  # the per-weight update
+        with settings.override(cuda_kernels=False):      # the per-weight update
             reference.step(plain)
     assert fused_on_the_cpu == [(5, 1), (5, 2), (5, 3)]
     for w, p in zip(weights, plain):

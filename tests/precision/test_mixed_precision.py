@@ -155,7 +155,7 @@ def test_layers_keep_float32_weights_and_compute_low(device, policy, low, rng):
     # the low-precision product used the kernel rounded to the compute dtype
     kernel = to_numpy(conv.kernel.data).astype(LOW[low]).astype(np.float32)
     ref = F.conv2d(Tensor(to_numpy(x).astype(LOW[low]).astype(np.float32)), kernel,
-                   to_numpy(conv.bias.data), 1, "same").data
+                   to_numpy(conv.bias.data), padding="same").data
     assert np.abs(to_numpy(y.data).astype(np.float32) - ref).max() <= \
         2 * EPS[low] * np.abs(ref).max()
 
@@ -340,15 +340,15 @@ def rounded(array, low):
 
 
 OPS = {
-    "conv 3x3 same": (lambda x, w, b: F.conv2d(x, w, b, 1, "same"),
+    "conv 3x3 same": (lambda x, w, b: F.conv2d(x, w, b, padding="same"),
                       [(2, 9, 10, 8), (3, 3, 8, 16), (16,)]),
-    "conv 3x3 stride 2": (lambda x, w, b: F.conv2d(x, w, b, 2, "same"),
+    "conv 3x3 stride 2": (lambda x, w, b: F.conv2d(x, w, b, strides=2, padding="same"),
                           [(2, 9, 10, 8), (3, 3, 8, 16), (16,)]),
     "conv 1x1 head": (lambda x, w, b: F.conv2d(x, w, b), [(2, 6, 6, 16), (1, 1, 16, 3), (3,)]),
-    "transposed 2x2 stride 2": (lambda x, w, b: F.conv2d_transpose(x, w, b, 2),
+    "transposed 2x2 stride 2": (lambda x, w, b: F.conv2d_transpose(x, w, b, strides=2),
                                 [(2, 5, 6, 16), (2, 2, 8, 16), (8,)]),
     "relu": (lambda x: F.relu(x), [(2, 6, 6, 4)]),
-    "max pool 2x2": (lambda x: F.max_pool2d(x, 2), [(2, 6, 6, 4)]),
+    "max pool 2x2": (lambda x: F.max_pool2d(x, pool_size=2), [(2, 6, 6, 4)]),
     "concatenate": (lambda a, b: F.concatenate([a, b], axis=-1), [(2, 6, 6, 4), (2, 6, 6, 3)]),
 }
 

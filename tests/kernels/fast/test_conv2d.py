@@ -162,3 +162,25 @@ def test_the_checks_are_the_plain_kernels(rng):
     for kernel in (plain.conv2d_forward, F.conv2d_forward):
         with pytest.raises(ValueError, match=r"has 3 channels but the kernel"):
             kernel(x, w)
+
+
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+@pytest.mark.parametrize("algorithm", ["im2col", "shifted"])
+def test_16_bit_arrays_keep_their_dtype_on_both_paths(low, algorithm, rng):
+    """Mixed precision runs the convolutions in float16 / bfloat16 (NumPy's bfloat16 product
+    comes back as float32: the kernels cast it back)."""
+    if low == "bfloat16":
+        dtype = np.dtype(pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes")
+                         .bfloat16)
+    else:
+        dtype = np.dtype(low)
+    x = rng.standard_normal((2, 9, 9, 8)).astype(dtype)
+    w = rng.standard_normal((3, 3, 8, 4)).astype(dtype)
+    g = rng.standard_normal((2, 9, 9, 4)).astype(dtype)
+    same = dict(padding="same")
+    for module, extra in ((plain, {}), (F, dict(algorithm=algorithm))):
+        results = (module.conv2d_forward(x, w, **same, **extra),
+                   module.conv2d_transpose(g, w, output_size=(9, 9), **same, **extra),
+                   module.conv2d_backward_filter(x, g, kernel_size=(3, 3), **same, **extra),
+                   module.bias_gradient(g))
+        assert [a.dtype for a in results] == [dtype] * 4, module.__name__

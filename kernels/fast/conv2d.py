@@ -39,9 +39,9 @@ import numpy as np
 
 from kernels.config import settings
 from kernels.conv2d import filter_geometry, forward_geometry, transpose_geometry
+from kernels.fast.memo import Memo
 from kernels.fast.runtime import (even_bounds, image_groups, piece_threads, run_pieces,
                                   single_threaded_blas, split_work)
-from kernels.fast.memo import Memo
 from kernels.fast.scratch import Scratch, unchanged
 from kernels.shapes import conv_geometry
 from kernels.windows import copy_of, tap

@@ -201,7 +201,7 @@ def test_convolution_through_the_cuda_window_kernels(device, rng, strides, dilat
 
 def test_dropout_draws_its_mask_on_the_device(device):
     gpu_only(device, "the CPU draws dropout masks with the NumPy generator (tested in "
-                     "tests/core/test_gpu_dispatch.py)")
+                     "tests/test_devices.py)")
     mc.seed(5)
     like = to_device(np.zeros((2, 3), np.float32), device)
     generator = A.device_generator_for(mc.rng.generator(), like)

@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("minicnn", "kernels")
 # tensor.py imports functions.math at its end for the operators, which need Tensor defined
 ALLOWED_CYCLES = [{"minicnn.tensor", "minicnn.functions.math"}]

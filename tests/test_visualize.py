@@ -54,7 +54,7 @@ def test_module_imports_without_matplotlib():
             "import minicnn.visualize as v\n"
             "assert not v.matplotlib_available()\n"
             "assert all(not m.startswith('matplotlib') or sys.modules[m] is None for m in sys.modules)\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from kernels import backend as kernels_backend
 from kernels.backend import device_of, get_array_module, is_gpu_array, to_device, to_numpy
-from kernels.normalization import channel_dot, channel_sum
+from kernels.normalization import channel_sum
 from minicnn import optimizers
 from minicnn.tensor import Function, no_grad
 
@@ -683,7 +683,7 @@ class SyncBatchNorm(Function):
         self.count = float(sums[channels])
         mean = (sums[:channels] / self.count).astype(x.dtype)
         x_centered = x - mean
-        var = (self._global_sum(channel_dot(x_centered, x_centered)) / self.count).astype(x.dtype)
+        var = (self._global_sum(channel_sum(x_centered * x_centered)) / self.count).astype(x.dtype)
         inv_std = 1 / get_array_module(x).sqrt(var + self.epsilon)
         self.batch_mean, self.batch_var = mean, var
         y = x_centered * (gamma.astype(x.dtype, copy=False) * inv_std)
@@ -695,7 +695,7 @@ class SyncBatchNorm(Function):
     def backward(self, dy):
         need_x, need_gamma, need_beta = self.needs_input_grad
         dbeta = channel_sum(dy)                                  # sum dy, this rank
-        dyxc = channel_dot(dy, self.x_centered)                  # sum dy (x - mean), this rank
+        dyxc = channel_sum(dy * self.x_centered)                  # sum dy (x - mean), this rank
         dx = None
         if need_x:
             s_dy, s_dyxc = self._global_sum(dbeta, dyxc).astype(dy.dtype).reshape(2, -1)

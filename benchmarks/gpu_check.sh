@@ -147,6 +147,11 @@ run_step gpu-tests 130 "$PYTHON" -m pytest tests -k gpu -rs -p no:cacheprovider 
     --junitxml "$OUT/gpu_tests.xml"
 record gpu-tests "$(pytest_figure)"
 
+# 5b. NCCL (issue 13): a 1-rank NCCL communicator, allreduce/broadcast on CuPy arrays, the
+#     gradient buckets and SyncBatchNorm through it
+run_step nccl 40 "$PYTHON" benchmarks/gpu_nccl_check.py
+record nccl "$(grep -m1 -oE 'NCCL CHECK (PASSED|FAILED)' "$STEP_OUT")"
+
 # 6. U-Net step at float32 / TF32 / bf16 against PyTorch + cuDNN at the same setting
 PRECISIONS=float32,tf32
 [[ $BF16 == yes ]] && PRECISIONS=$PRECISIONS,bf16

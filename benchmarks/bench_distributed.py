@@ -38,8 +38,8 @@ def worker(steps: int, sync_bn: bool) -> dict:
     """One rank's measurements (run under mpiexec for 2 ranks, plainly for 1)."""
     import numpy as np
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from kernels import cpu
-    cpu.retain_freed_memory()
+    from kernels.fast import runtime
+    runtime.retain_freed_memory()
     import minicnn as mc
     from minicnn import distributed as D
     from minicnn.models import UNet
@@ -95,7 +95,7 @@ def worker(steps: int, sync_bn: bool) -> dict:
     result.update(rank=comm.rank, size=comm.size, sync_bn=sync_bn,
                   allreduce_alone=float(np.median(alone)) if alone else 0.0,
                   gradient_bytes=int(flat.nbytes), weights=int(flat.size),
-                  threads=cpu.num_threads())
+                  threads=mc.config.threads)
     return result
 
 

@@ -318,7 +318,6 @@ def draw(model, test_set, predictions, args):
 
 
 def evaluate(args) -> int:
-    from minicnn import io
     model = load_for_cli(args.weights)
     (_, _, test_set), num_classes = load_task(args.dataset, args.classes, args.seed)
     if model.num_classes != num_classes:

@@ -115,3 +115,51 @@ def test_io_callbacks_and_models_import_first_in_a_fresh_interpreter():
         result = subprocess.run([sys.executable, "-c", code, first, "minicnn.models"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert result.returncode == 0, result.stderr
+
+
+def imported_names(path: pathlib.Path) -> list:
+    """(module, name) for every ``from minicnn... / kernels... import name`` in a script, and
+    (module, None) for every ``import minicnn...`` / ``import kernels...``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                and node.module.split(".")[0] in PACKAGES:
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names
+                      if alias.name.split(".")[0] in PACKAGES]
+    return found
+
+
+def missing_imports(scripts) -> list:
+    """What the scripts import from minicnn/kernels that does not exist, one line each."""
+    import importlib
+    missing = []
+    for path in scripts:
+        for module, name in imported_names(path):
+            try:
+                imported = importlib.import_module(module)
+            except ImportError:
+                missing.append(f"{path.name}: {module}")
+                continue
+            if name is not None and not hasattr(imported, name):
+                try:
+                    importlib.import_module(f"{module}.{name}")
+                except ImportError:
+                    missing.append(f"{path.name}: {name} from {module}")
+    return missing
+
+
+def test_the_scripts_beside_the_package_import_what_exists():
+    """benchmarks/ and docs/ import the package inside their workers, so a renamed or moved
+    module would show only when a benchmark runs; every name they import must exist."""
+    scripts = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "docs").glob("*.py"))
+    assert len(scripts) >= 5
+    assert missing_imports(scripts) == []
+
+
+def test_the_script_import_check_sees_a_missing_name(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text("def worker():\n    from kernels import cpu, backend\n"
+                      "    import minicnn.nothing\n    import minicnn.tensor\n")
+    assert missing_imports([script]) == ["bench.py: cpu from kernels", "bench.py: minicnn.nothing"]

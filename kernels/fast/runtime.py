@@ -62,9 +62,15 @@ def piece_threads() -> int:
 def run_pieces(fn, pieces):
     """[fn(piece) for piece in pieces] in piece order (sums over pieces are deterministic), on the
     thread pool and with OpenBLAS held to one thread whenever the kernels have threads of their
-    own (``piece_threads() > 1``), a single piece included: a threaded product would wake
-    OpenBLAS's helper threads, which then spin for ~0.1 s on the cores the pool needs."""
-    if piece_threads() == 1:
+    own (``piece_threads() > 1``).
+
+    A single piece (work too small to share out) keeps OpenBLAS on one thread too once the pool
+    has run in this process: a threaded product would wake OpenBLAS's helper threads, which then
+    spin for ~0.1 s on the cores the pool's next pieces need. In a process whose work never
+    filled the pool (a small model: every convolution one piece), OpenBLAS threads the products
+    itself, which is faster there (benchmarks/RESULTS.md, issue 12).
+    """
+    if piece_threads() == 1 or (len(pieces) == 1 and not _pool_state["has_run"]):
         return [fn(piece) for piece in pieces]
     with single_threaded_blas():
         return parallel_map(fn, pieces)
@@ -73,6 +79,7 @@ def run_pieces(fn, pieces):
 # -- the thread pool ------------------------------------------------------------------------------
 
 _pool, _pool_owner = None, None
+_pool_state = {"has_run": False}     # set by the first parallel_map that hands work to the pool
 _inside = threading.local()          # set while a thread runs items of a parallel_map
 
 
@@ -92,6 +99,7 @@ def parallel_map(fn, items):
         _pool = ThreadPoolExecutor(pool_threads - 1, thread_name_prefix="minicnn")
         _pool_owner = (os.getpid(), pool_threads)
     runs = [items[a:b] for a, b in even_bounds(len(items), threads)]
+    _pool_state["has_run"] = True
 
     def run_all(run):
         _inside.map = True

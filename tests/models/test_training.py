@@ -1,6 +1,5 @@
 """fit / evaluate / predict, callbacks, NaN guard, checkpoints and exact resume."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -1,5 +1,7 @@
 """kernels.fast.runtime: the thread pool, the one work-splitting formula, OpenBLAS's thread count
 and glibc's malloc setting."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +82,26 @@ def test_single_threaded_blas_restores_the_thread_count():
         with runtime.single_threaded_blas():
             raise KeyError("inside")
     assert runtime.blas_thread_counts() == before
+
+
+def test_a_single_piece_threads_its_products_until_the_pool_has_run():
+    """In a fresh process a single piece leaves OpenBLAS its threads; after the pool's first
+    run every piece, single ones included, holds OpenBLAS to one thread (and restores it)."""
+    if not runtime.blas_threads_controllable():
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can find")
+    code = ("import json, numpy, kernels.fast.runtime as runtime\n"
+            "seen = lambda piece: runtime.blas_thread_counts()\n"
+            "first = runtime.run_pieces(seen, [0])[0]\n"
+            "runtime.run_pieces(seen, [0, 1])\n"
+            "after = runtime.run_pieces(seen, [0])[0]\n"
+            "print(json.dumps([first, after, runtime.blas_thread_counts()]))\n")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "MINICNN_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=Path(__file__).resolve().parents[3])
+    assert result.returncode == 0, result.stderr
+    first, after, outside = json.loads(result.stdout)
+    assert first == outside and max(first) == 2
+    assert after == [1] * len(first)
 
 
 def test_retain_freed_memory_is_opt_in_and_applies():

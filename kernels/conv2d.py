@@ -37,8 +37,8 @@ import numpy as np
 
 from kernels.backend import get_array_module
 from kernels.shapes import conv_geometry
-from kernels.windows import (check_float, check_images, check_kernel, check_shape, crop, pad,
-                             product, tap)
+from kernels.windows import (check_float, check_images, check_kernel, check_shape, crop,
+                             filter_geometry, pad, product, tap)
 
 
 # --------------------------------------------------------------------------- the contract
@@ -68,18 +68,6 @@ def transpose_geometry(fn, y, w, b=None, *, output_size, strides=1, dilation=1, 
     g = conv_geometry(fn, output_size, w.shape[:2], strides=strides, dilation=dilation,
                       padding=padding)
     check_shape(fn, "y", y, (y.shape[0], *g.out_hw, w.shape[3]))
-    return g
-
-
-def filter_geometry(fn, x, grad_y, *, kernel_size, strides=1, dilation=1, padding="valid"):
-    """Check ``x: (N, H, W, C)`` and ``grad_y: (N, Ho, Wo, O)`` for a ``kernel_size`` window;
-    return its ``Geometry``."""
-    check_images(fn, "x", x)
-    check_images(fn, "grad_y", grad_y)
-    check_float(fn, x=x, grad_y=grad_y)
-    g = conv_geometry(fn, x.shape[1:3], kernel_size, strides=strides, dilation=dilation,
-                      padding=padding)
-    check_shape(fn, "grad_y", grad_y, (x.shape[0], *g.out_hw, grad_y.shape[3]))
     return g
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import windows
 from kernels.backend import get_array_module
 from kernels.shapes import conv_geometry
 from kernels.windows import check_float, check_images, check_kernel, check_shape, crop, pad, tap
@@ -55,15 +56,11 @@ def input_geometry(fn, grad_y, w, *, input_size, strides=1, dilation=1, padding=
 def filter_geometry(fn, x, grad_y, *, kernel_size, strides=1, dilation=1, padding="valid"):
     """Check ``x: (N, H, W, C)`` and ``grad_y: (N, Ho, Wo, C*M)`` for a ``kernel_size`` window;
     return its ``Geometry``."""
-    check_images(fn, "x", x)
-    check_images(fn, "grad_y", grad_y)
-    check_float(fn, x=x, grad_y=grad_y)
-    g = conv_geometry(fn, x.shape[1:3], kernel_size, strides=strides, dilation=dilation,
-                      padding=padding)
+    g = windows.filter_geometry(fn, x, grad_y, kernel_size=kernel_size, strides=strides,
+                                dilation=dilation, padding=padding)
     if grad_y.shape[3] % x.shape[3]:
         raise ValueError(f"{fn}: grad_y of shape {tuple(grad_y.shape)} has {grad_y.shape[3]} "
                          f"channels, not a multiple of x's {x.shape[3]} (C * depth_multiplier)")
-    check_shape(fn, "grad_y", grad_y, (x.shape[0], *g.out_hw, grad_y.shape[3]))
     return g
 
 

@@ -10,6 +10,7 @@ add their gradients back through it). ``g`` is a ``kernels.shapes.Geometry``.
 from __future__ import annotations
 
 from kernels.backend import get_array_module, is_floating
+from kernels.shapes import conv_geometry
 
 
 def check_images(fn: str, name: str, x):
@@ -50,6 +51,18 @@ def check_shape(fn: str, name: str, a, expected):
     if tuple(a.shape) != tuple(expected):
         raise ValueError(f"{fn}: {name} must have the shape {tuple(expected)}, "
                          f"got {tuple(a.shape)}")
+
+
+def filter_geometry(fn, x, grad_y, *, kernel_size, strides=1, dilation=1, padding="valid"):
+    """Check ``x: (N, H, W, C)`` and ``grad_y: (N, Ho, Wo, O)`` for a ``kernel_size`` window
+    (a filter gradient's inputs); return its ``Geometry``."""
+    check_images(fn, "x", x)
+    check_images(fn, "grad_y", grad_y)
+    check_float(fn, x=x, grad_y=grad_y)
+    g = conv_geometry(fn, x.shape[1:3], kernel_size, strides=strides, dilation=dilation,
+                      padding=padding)
+    check_shape(fn, "grad_y", grad_y, (x.shape[0], *g.out_hw, grad_y.shape[3]))
+    return g
 
 
 def pad(x, pads, value=0):

@@ -163,3 +163,23 @@ def test_the_script_import_check_sees_a_missing_name(tmp_path):
     script.write_text("def worker():\n    from kernels import cpu, backend\n"
                       "    import minicnn.nothing\n    import minicnn.tensor\n")
     assert missing_imports([script]) == ["bench.py: cpu from kernels", "bench.py: minicnn.nothing"]
+
+
+def run_fresh(code: str):
+    """Run ``code`` in a new interpreter at the repository root; fail with what it printed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_importing_the_package_loads_neither_cupy_nor_torch():
+    run_fresh("import sys, minicnn, kernels, minicnn.functions\n"
+              "bad = [m for m in ('cupy', 'torch', 'tensorflow', 'jax', 'keras') if m in sys.modules]\n"
+              "sys.exit(f'loaded: {bad}' if bad else 0)\n")
+
+
+def test_every_kernels_module_imports_without_minicnn():
+    run_fresh("import sys, importlib, pkgutil, kernels\n"
+              "for m in pkgutil.walk_packages(kernels.__path__, 'kernels.'):\n"
+              "    importlib.import_module(m.name)\n"
+              "sys.exit('minicnn was imported' if 'minicnn' in sys.modules else 0)\n")

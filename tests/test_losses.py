@@ -215,6 +215,13 @@ def draw_weight(rng, kind, shape):
     return rng.uniform(0, 2, shape)                       # a weight map of the losses' shape
 
 
+def draw_predictions(rng, shape, classes, from_logits, scale=1.0):
+    """Class scores of shape ``shape + (classes,)``: logits, or probabilities in [0.05, 1)."""
+    if from_logits:
+        return rng.standard_normal(shape + (classes,)) * scale
+    return rng.uniform(0.05, 1, shape + (classes,))
+
+
 WEIGHTS = st.sampled_from(["none", "scalar", "per_sample", "map"])
 
 
@@ -231,8 +238,7 @@ def test_gradcheck_sparse_categorical(shape, classes, from_logits, weights, redu
     y_true = rng.integers(0, classes, shape)
     if ignore:
         y_true[rng.uniform(size=shape) < 0.3] = 255
-    y_pred = rng.standard_normal(shape + (classes,)) if from_logits else \
-        rng.uniform(0.05, 1, shape + (classes,))
+    y_pred = draw_predictions(rng, shape, classes, from_logits)
     loss = L.SparseCategoricalCrossentropy(
         from_logits=from_logits, ignore_class=255 if ignore else None, reduction=reduction,
         class_weight=rng.uniform(0.5, 2, classes) if class_weight else None)
@@ -246,8 +252,7 @@ def test_gradcheck_categorical(shape, classes, from_logits, weights, reduction, 
                                class_weight, axis, seed):
     rng = np.random.default_rng(seed)
     y_true = np.eye(classes)[rng.integers(0, classes, shape)]
-    y_pred = rng.standard_normal(shape + (classes,)) * 2 if from_logits else \
-        rng.uniform(0.05, 1, shape + (classes,))
+    y_pred = draw_predictions(rng, shape, classes, from_logits, scale=2.0)
     if axis == 0:                                         # classes first
         y_true = np.moveaxis(y_true, -1, 0)
         y_pred = np.ascontiguousarray(np.moveaxis(y_pred, -1, 0))
@@ -292,8 +297,7 @@ def test_gradcheck_categorical_focal(shape, classes, from_logits, gamma, vector_
                                      reduction, smoothing, seed):
     rng = np.random.default_rng(seed)
     y_true = np.eye(classes)[rng.integers(0, classes, shape)]
-    y_pred = rng.standard_normal(shape + (classes,)) * 2 if from_logits else \
-        rng.uniform(0.05, 1, shape + (classes,))
+    y_pred = draw_predictions(rng, shape, classes, from_logits, scale=2.0)
     alpha = list(rng.uniform(0.1, 1, classes)) if vector_alpha else 0.25
     loss = L.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma, from_logits=from_logits,
                                           label_smoothing=smoothing, reduction=reduction)
@@ -325,8 +329,7 @@ def test_gradcheck_ce_dice(shape, classes, from_logits, ignore, weights, reducti
     y_true = rng.integers(0, classes, shape)
     if ignore:
         y_true[rng.uniform(size=shape) < 0.3] = -1
-    y_pred = rng.standard_normal(shape + (classes,)) if from_logits else \
-        rng.uniform(0.05, 1, shape + (classes,))
+    y_pred = draw_predictions(rng, shape, classes, from_logits)
     loss = L.CEDice(from_logits=from_logits, ignore_class=-1 if ignore else None,
                     dice_weight=0.7, smooth=smooth, reduction=reduction)
     check(loss, y_true, y_pred, draw_weight(rng, weights, shape))

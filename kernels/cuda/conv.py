@@ -9,8 +9,9 @@ Same signatures and results as the NumPy kernels they replace; CuPy arrays in an
 from __future__ import annotations
 
 from kernels import backend
-from kernels.conv2d import filter_geometry, forward_geometry, transpose_geometry
+from kernels.conv2d import forward_geometry, transpose_geometry
 from kernels.cuda import runtime as rt
+from kernels.windows import filter_geometry
 
 SOURCE = "conv.cu"
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.config import settings
-from kernels.conv2d import filter_geometry, forward_geometry, transpose_geometry
+from kernels.conv2d import forward_geometry, transpose_geometry
 from kernels.fast.memo import Memo
 from kernels.fast.runtime import (even_bounds, image_groups, piece_threads, run_pieces,
                                   single_threaded_blas, split_work)
 from kernels.fast.scratch import Scratch, unchanged
 from kernels.shapes import conv_geometry
-from kernels.windows import copy_of, tap
+from kernels.windows import copy_of, filter_geometry, tap
 
 ALGORITHMS = ("im2col", "shifted")
 scratch = Scratch("conv2d")

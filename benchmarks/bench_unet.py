@@ -1,11 +1,12 @@
 """One U-Net training step (forward, loss, backward, Adam update): minicnn against PyTorch.
 
 Each engine runs in its own process (so peak resident memory is its own), on the same number of
-CPU threads, for the same architecture: UNet(num_classes=3, base_filters, depth), 3x3 'same'
+CPU threads, for the same architecture: UNet(num_classes, base_filters, depth), 3x3 'same'
 convolutions with bias, BatchNorm (eps 1e-3, Keras momentum 0.99 = PyTorch momentum 0.01), ReLU,
 2x2 max pooling, ConvTranspose k=2 s=2, concatenation, a 1x1 head, softmax cross-entropy, Adam.
 
-    python benchmarks/bench_unet.py                       # both cases, PyTorch if importable
+    python benchmarks/bench_unet.py                       # every case, PyTorch if importable
+    python benchmarks/bench_unet.py --cases recipe        # one case
     python benchmarks/bench_unet.py --torch-python /path/to/venv/bin/python --json out.json
     python benchmarks/bench_unet.py --profile             # minicnn's time per phase and per op
     python benchmarks/bench_unet.py --retain-freed-memory # glibc keeps freed memory, both engines
@@ -35,9 +36,13 @@ import subprocess
 import sys
 import time
 
+# recipe: what ``minicnn train`` runs by default (minicnn/cli.py: --depth 3, --base-filters 16,
+# --batch-size 8, --crop 64, the nuclei image's 1 channel, --classes 2, sparse cross-entropy from
+# logits, Adam 1e-3)
 CASES = {
-    "large": dict(base=16, depth=4, batch=8, size=128, channels=3, steps=5),
-    "small": dict(base=8, depth=3, batch=4, size=64, channels=1, steps=20),
+    "recipe": dict(base=16, depth=3, batch=8, size=64, channels=1, classes=2, steps=20),
+    "large": dict(base=16, depth=4, batch=8, size=128, channels=3, classes=3, steps=5),
+    "small": dict(base=8, depth=3, batch=4, size=64, channels=1, classes=3, steps=20),
 }
 
 
@@ -83,8 +88,8 @@ def minicnn_worker(case: dict, profile: bool, retain: bool, overrides=()) -> dic
     mc.seed(0)
     rs = np.random.default_rng(0)
     x = rs.random((case["batch"], case["size"], case["size"], case["channels"]), dtype=np.float32)
-    y = rs.integers(0, 3, size=x.shape[:3])
-    model = UNet(num_classes=3, base_filters=case["base"], depth=case["depth"])
+    y = rs.integers(0, case["classes"], size=x.shape[:3])
+    model = UNet(num_classes=case["classes"], base_filters=case["base"], depth=case["depth"])
     model.build((None,) + x.shape[1:])
     loss_fn = losses.SparseCategoricalCrossentropy(from_logits=True)
     opt = optimizers.Adam(1e-3)
@@ -122,7 +127,32 @@ def minicnn_worker(case: dict, profile: bool, retain: bool, overrides=()) -> dic
         if totals is not None:
             result[name] = {k: 1000 * v / case["steps"]
                             for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    if profile:
+        result["profile"] = profile_table(result["ops_ms_per_step"],
+                                          {k: 1000 * float(np.mean(v)) for k, v in phases.items()})
     return result
+
+
+def profile_table(ops_ms: dict, phases_ms: dict) -> list:
+    """Rows ``(label, forward ms, backward ms)`` per step: each Function class (its forward and
+    backward; the loss's Function among them), the Python between the Functions (layers, the
+    tape, autograd's walk: a phase's time less its Functions' time), the optimizer, the step.
+    Times are means over the timed steps."""
+    per_class: dict = {}
+    for key, ms in ops_ms.items():
+        cls, method = key.rsplit(".", 1)
+        per_class.setdefault(cls, [0.0, 0.0])[method == "backward"] += ms
+    rows = sorted(((cls, f, b) for cls, (f, b) in per_class.items()), key=lambda r: -(r[1] + r[2]))
+    forward_ops = sum(r[1] for r in rows)
+    backward_ops = sum(r[2] for r in rows)
+    rows.append(("Functions, total", forward_ops, backward_ops))
+    rows.append(("Python between Functions (layers, tape, autograd)",
+                 phases_ms["forward"] + phases_ms["loss"] - forward_ops,
+                 phases_ms["backward"] - backward_ops))
+    rows.append(("optimizer (Adam update)", 0.0, phases_ms["update"]))
+    rows.append(("step", phases_ms["forward"] + phases_ms["loss"],
+                 phases_ms["backward"] + phases_ms["update"]))
+    return rows
 
 
 def install_kernel_timers() -> dict:
@@ -228,8 +258,9 @@ def torch_worker(case: dict, channels_last: bool) -> dict:
     rs = np.random.default_rng(0)
     x = torch.from_numpy(rs.random((case["batch"], case["channels"], case["size"], case["size"]),
                                    dtype=np.float32))
-    y = torch.from_numpy(rs.integers(0, 3, size=(case["batch"], case["size"], case["size"])))
-    model = torch_unet(case["channels"], 3, case["base"], case["depth"])
+    y = torch.from_numpy(rs.integers(0, case["classes"],
+                                     size=(case["batch"], case["size"], case["size"])))
+    model = torch_unet(case["channels"], case["classes"], case["base"], case["depth"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -280,15 +311,15 @@ def blas_name() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="large,small")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="interpreter that has torch (default: this one)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads of both engines (minicnn: MINICNN_NUM_THREADS and "
                              "OPENBLAS_NUM_THREADS; PyTorch: set_num_threads)")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--steps", type=int, help="timed steps per case (default: large 5, "
-                        "small 20), after two warm-up steps")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default: recipe 20, "
+                        "large 5, small 20), after two warm-up steps")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="glibc mallopt in both engines' processes (see the docstring)")
     parser.add_argument("--no-torch", action="store_true")
@@ -342,18 +373,18 @@ def main(argv=None) -> int:
             theirs_cl = run_worker(args.torch_python, "torch-cl", name, shared)
         rows[name] = {"case": CASES[name], "minicnn": mine, "torch": theirs,
                       "torch_channels_last": theirs_cl}
-    print(f"\n{'case':<7}{'minicnn ms':>12}{'torch ms':>10}{'ratio':>8}{'torch CL ms':>13}"
+    print(f"\n{'case':<8}{'minicnn ms':>12}{'torch ms':>10}{'ratio':>8}{'torch CL ms':>13}"
           f"{'minicnn MB':>12}{'torch MB':>10}{'mem ratio':>11}  params (minicnn / torch)")
     for name, row in rows.items():
         mine, theirs, cl = row["minicnn"], row["torch"], row["torch_channels_last"]
         if "error" in mine:
-            print(f"{name:<7} minicnn failed: {mine['error']}")
+            print(f"{name:<8} minicnn failed: {mine['error']}")
             continue
         if "error" in theirs:
-            print(f"{name:<7}{mine['median_ms']:>12.1f}   (PyTorch unavailable: {theirs['error']})"
+            print(f"{name:<8}{mine['median_ms']:>12.1f}   (PyTorch unavailable: {theirs['error']})"
                   f"{mine['peak_rss_mb']:>12.0f} MB")
             continue
-        print(f"{name:<7}{mine['median_ms']:>12.1f}{theirs['median_ms']:>10.1f}"
+        print(f"{name:<8}{mine['median_ms']:>12.1f}{theirs['median_ms']:>10.1f}"
               f"{mine['median_ms'] / theirs['median_ms']:>8.2f}"
               f"{cl.get('median_ms', float('nan')):>13.1f}{mine['peak_rss_mb']:>12.0f}"
               f"{theirs['peak_rss_mb']:>10.0f}{mine['peak_rss_mb'] / theirs['peak_rss_mb']:>11.2f}"
@@ -364,12 +395,16 @@ def main(argv=None) -> int:
             print(f"\n{name}: minicnn phases (median ms): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in mine["phases_ms"].items())
                   + f"; conv threads: {mine['conv_threads']}")
-        for key, title in (("ops_ms_per_step", "time per op"),
-                           ("kernels_ms_per_step", "time per kernel")):
-            if key in mine:
-                print(f"{name}: minicnn {title} (ms per step):")
-                for label, value in list(mine[key].items())[:16]:
-                    print(f"    {label:<44}{value:>9.1f}")
+        if "profile" in mine:
+            print(f"{name}: minicnn per op and phase (ms per step, mean; forward includes the "
+                  f"loss, backward the update):")
+            print(f"    {'':<52}{'forward':>9}{'backward':>10}{'total':>8}")
+            for label, forward, backward in mine["profile"]:
+                print(f"    {label:<52}{forward:>9.1f}{backward:>10.1f}{forward + backward:>8.1f}")
+        if "kernels_ms_per_step" in mine:
+            print(f"{name}: minicnn time per kernel (ms per step):")
+            for label, value in list(mine["kernels_ms_per_step"].items())[:16]:
+                print(f"    {label:<52}{value:>9.1f}")
     if args.json_path:
         with open(args.json_path, "w") as handle:
             json.dump({"header": header, "rows": rows}, handle, indent=2)

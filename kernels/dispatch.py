@@ -114,6 +114,13 @@ batch_norm_backward = dispatched(normalization.batch_norm_backward,
                                  fast_normalization.batch_norm_backward,
                                  cuda.batch_norm_backward_gpu)
 
+batch_norm_relu_forward_training = dispatched(normalization.batch_norm_relu_forward_training,
+                                              fast_normalization.batch_norm_relu_forward_training,
+                                              cuda.batch_norm_relu_forward_training_gpu)
+batch_norm_relu_backward = dispatched(normalization.batch_norm_relu_backward,
+                                      fast_normalization.batch_norm_relu_backward,
+                                      cuda.batch_norm_relu_backward_gpu)
+
 relu_forward = dispatched(activations.relu_forward, fast_activations.relu_forward)
 relu_backward = dispatched(activations.relu_backward, fast_activations.relu_backward)
 

@@ -11,6 +11,8 @@ With M = N*H*W values per channel c (Ioffe & Szegedy 2015; Keras 3 BatchNormaliz
     backward:   dbeta = sum dy,  dgamma = sum dy * x_hat,
                 dx = gamma * inv_std / M * (M dy - dbeta - x_hat * dgamma)
                 (from x - mean and inv_std, kept by the forward, rather than x_hat itself)
+    with ReLU:  z = max(y, 0) for a batch norm whose output nothing else reads; backward
+                dy = dz * [z > 0], then the backward above
 
 Sums over the M values are taken in float64 and returned in x's dtype. ``*_reference`` twins loop
 over channels and values. The tuned CPU twins (cache-sized blocks on the threads) are in
@@ -22,6 +24,7 @@ import math
 
 import numpy as np
 
+from kernels.activations import check_same_shape, relu_backward, relu_forward
 from kernels.backend import get_array_module
 
 
@@ -53,6 +56,17 @@ def batch_norm_forward_training(x, gamma=None, beta=None, *, epsilon=1e-3):
     if beta is not None:
         y += beta
     return y, mean, var, x_centered, inv_std
+
+
+def batch_norm_relu_forward_training(x, gamma=None, beta=None, *, epsilon=1e-3):
+    """z = max(y, 0), y the training-mode batch norm of x (``batch_norm_forward_training``).
+
+    x: (..., C); gamma, beta: (C,) or None. Returns ``z, mean, var, x_centered, inv_std``
+    (z like x; the rest as ``batch_norm_forward_training``'s).
+    """
+    y, mean, var, x_centered, inv_std = batch_norm_forward_training(x, gamma, beta,
+                                                                    epsilon=epsilon)
+    return relu_forward(y), mean, var, x_centered, inv_std
 
 
 def batch_norm_forward_inference(x, moving_mean, moving_var, gamma=None, beta=None, *,
@@ -107,6 +121,17 @@ def batch_norm_backward(dy, x_centered, inv_std, gamma=None):
     dgamma = channel_sum(dy * x_hat)
     dx = k * (dy - dbeta / m - x_hat * (dgamma / m))
     return dx, dgamma, dbeta
+
+
+def batch_norm_relu_backward(dz, z, x_centered, inv_std, gamma=None):
+    """Gradients of ``batch_norm_relu_forward_training``. dz, z (its output), x_centered: (..., C);
+    inv_std, gamma: (C,).
+
+    The ReLU's dy = dz * [z > 0], then ``batch_norm_backward(dy, x_centered, inv_std, gamma)``:
+    returns ``dx, dgamma, dbeta``.
+    """
+    check_same_shape("batch_norm_relu_backward", dz, z)
+    return batch_norm_backward(relu_backward(dz, z), x_centered, inv_std, gamma)
 
 
 def batch_norm_backward_inference(dy, moving_var, gamma=None, *, epsilon=1e-3):

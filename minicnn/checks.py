@@ -217,7 +217,19 @@ def _normalization_checks() -> list:
             lambda x, g, b: N.batch_norm(x, g, b, training=True),
             [_normal(rs, 3, 2, 2, 3), _positive(rs, 3), _normal(rs, 3)], ["x", "gamma", "beta"])),
         Check("batch_norm inference", _batch_norm_inference),
+        Check("batch_norm_relu training", _batch_norm_relu),
     ]
+
+
+def _batch_norm_relu(rs, gap=0.05):
+    """Inputs whose batch-norm outputs lie at least ``gap`` from ReLU's kink (redrawn until)."""
+    from kernels.normalization import batch_norm_forward_training
+    from minicnn.functions import normalization as N
+    while True:
+        x, gamma, beta = _normal(rs, 3, 2, 2, 3), _positive(rs, 3), _normal(rs, 3)
+        if np.abs(batch_norm_forward_training(x, gamma, beta)[0]).min() >= gap:
+            return (lambda x, g, b: N.batch_norm_relu(x, g, b), [x, gamma, beta],
+                    ["x", "gamma", "beta"])
 
 
 def _batch_norm_inference(rs):

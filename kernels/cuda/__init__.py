@@ -10,7 +10,9 @@ return CuPy arrays and have the signature (and results) of the plain kernel they
     upsample.cu / upsample.py      upsample2d_forward_gpu, _backward_gpu      kernels.upsampling
     batchnorm.cu / batchnorm.py    batch_norm_forward_training_gpu,           kernels.normalization
                                    batch_norm_forward_inference_gpu,
-                                   batch_norm_backward_gpu (+ batch_norm_statistics_gpu)
+                                   batch_norm_backward_gpu (+ batch_norm_statistics_gpu),
+                                   batch_norm_relu_forward_training_gpu,
+                                   batch_norm_relu_backward_gpu (the same, then / after a ReLU)
     softmax_ce.cu / softmax_ce.py  sparse_categorical_crossentropy_forward_gpu,  kernels.losses
                                    _backward_gpu (+ the fused softmax_cross_entropy_gpu)
     adam.cu / adam.py              adam_update_gpu: Adam on every weight in   minicnn.optimizers.Adam
@@ -26,7 +28,9 @@ on the first launch.
 """
 from kernels.cuda.adam import adam_update_gpu, adam_update_reference
 from kernels.cuda.batchnorm import (batch_norm_backward_gpu, batch_norm_forward_inference_gpu,
-                                    batch_norm_forward_training_gpu, batch_norm_statistics_gpu)
+                                    batch_norm_forward_training_gpu, batch_norm_relu_backward_gpu,
+                                    batch_norm_relu_forward_training_gpu,
+                                    batch_norm_statistics_gpu)
 from kernels.cuda.conv import (col2im_gpu, conv2d_backward_filter_gpu, conv2d_forward_gpu,
                                conv2d_transpose_gpu, im2col_gpu)
 from kernels.cuda.pool import max_pool2d_backward_gpu, max_pool2d_forward_gpu

@@ -197,3 +197,22 @@ def batch_norm_backward_gpu(dy, x_centered, inv_std, gamma=None, *, saved="x_cen
                rt.i32(gamma is not None), inv_std, dbeta, dgamma, rt.i64(dx.size), rt.i64(c),
                rt.i64(m), dx])
     return dx, dgamma, dbeta
+
+
+def batch_norm_relu_forward_training_gpu(x, gamma=None, beta=None, *, epsilon=1e-3):
+    """z = max(y, 0) of ``batch_norm_forward_training_gpu`` (the ReLU in place on y).
+    Returns ``z, mean, var, x_centered, inv_std``.
+    Mirrors ``kernels.normalization.batch_norm_relu_forward_training``."""
+    y, mean, var, x_centered, inv_std = batch_norm_forward_training_gpu(x, gamma, beta,
+                                                                        epsilon=epsilon)
+    backend.get_array_module(y).maximum(y, y.dtype.type(0), out=y)
+    return y, mean, var, x_centered, inv_std
+
+
+def batch_norm_relu_backward_gpu(dz, z, x_centered, inv_std, gamma=None):
+    """``batch_norm_backward_gpu`` of the ReLU's dy = dz * [z > 0]; z: the forward's output.
+    Mirrors ``kernels.normalization.batch_norm_relu_backward``."""
+    if tuple(dz.shape) != tuple(z.shape):
+        raise ValueError(f"batch_norm_relu_backward_gpu: dz of shape {tuple(dz.shape)} vs z of "
+                         f"shape {tuple(z.shape)}")
+    return batch_norm_backward_gpu(dz * (z > 0), x_centered, inv_std, gamma)

@@ -1,5 +1,6 @@
 """Tuned CPU twins of ``kernels/normalization.py``: the training forward, the inference forward and
-the backward, with the plain kernels' arguments, checks and results (to float rounding).
+the backward, alone or followed by a ReLU, with the plain kernels' arguments, checks and results
+(to float rounding).
 
 - x is viewed as a contiguous (A, B*C) matrix (B the second-to-last axis, W for images) and every
   (C,) vector is tiled to (B*C,): long rows broadcast 2-3x faster than rows of C values.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import normalization as plain
+from kernels.activations import check_same_shape
 from kernels.config import settings
 from kernels.fast.runtime import parallel_map
 
@@ -53,6 +55,17 @@ def channel_sum(a):
 
 def batch_norm_forward_training(x, gamma=None, beta=None, *, epsilon=1e-3):
     """``kernels.normalization.batch_norm_forward_training``."""
+    return _forward_training(x, gamma, beta, epsilon, relu=False)
+
+
+def batch_norm_relu_forward_training(x, gamma=None, beta=None, *, epsilon=1e-3):
+    """``kernels.normalization.batch_norm_relu_forward_training``: the ReLU taken on each block
+    of y while it is in cache (no pass of its own)."""
+    return _forward_training(x, gamma, beta, epsilon, relu=True)
+
+
+def _forward_training(x, gamma, beta, epsilon, relu):
+    """y (or max(y, 0) with ``relu``), mean, var, x - mean, inv_std by blocks on the threads."""
     gamma, beta = plain.check_batch_norm("batch_norm", x, gamma, beta, epsilon)
     m = plain.count(x)
     rows, b = rows_of(x)
@@ -72,12 +85,15 @@ def batch_norm_forward_training(x, gamma=None, beta=None, *, epsilon=1e-3):
     y = np.empty_like(rows)
     scale_t = _tile(inv_std if gamma is None else gamma * inv_std, b)
     beta_t = None if beta is None else _tile(beta, b)
+    zero = x.dtype.type(0)
 
-    def affine(s):                      # y = (x - mean) * gamma inv_std + beta
+    def affine(s):                      # y = (x - mean) * gamma inv_std + beta [, max(y, 0)]
         out = y[s]
         np.multiply(x_centered[s], scale_t, out=out)
         if beta_t is not None:
             out += beta_t
+        if relu:
+            np.maximum(out, zero, out=out)
     parallel_map(affine, parts)
     return y.reshape(x.shape), mean, var, x_centered.reshape(x.shape), inv_std
 
@@ -100,14 +116,29 @@ def batch_norm_forward_inference(x, moving_mean, moving_var, gamma=None, beta=No
 
 def batch_norm_backward(dy, x_centered, inv_std, gamma=None):
     """``kernels.normalization.batch_norm_backward``."""
+    return _backward(dy, None, x_centered, inv_std, gamma)
+
+
+def batch_norm_relu_backward(dz, z, x_centered, inv_std, gamma=None):
+    """``kernels.normalization.batch_norm_relu_backward``: the ReLU's mask dz * [z > 0] taken per
+    block in the pass of the sums (kept in dx's block for the second pass)."""
+    check_same_shape("batch_norm_relu_backward", dz, z)
+    return _backward(dz, z, x_centered, inv_std, gamma)
+
+
+def _backward(dy, z, x_centered, inv_std, gamma):
+    """dx, dgamma, dbeta by blocks on the threads; with the ReLU's output ``z``, of dy * [z > 0]."""
     k = plain.check_batch_norm_backward(dy, x_centered, inv_std, gamma)
     m = plain.count(dy)
     dy_rows, b = rows_of(dy)
     centered, _ = rows_of(x_centered)
+    z_rows = None if z is None else rows_of(z)[0]
     parts = blocks(dy_rows)
+    dx = np.empty_like(dy_rows)
 
     def sums(s):                        # both reductions in one visit of the block
-        return dy_rows[s].sum(axis=0), np.einsum("ij,ij->j", dy_rows[s], centered[s])
+        g = dy_rows[s] if z_rows is None else np.multiply(dy_rows[s], z_rows[s] > 0, out=dx[s])
+        return g.sum(axis=0), np.einsum("ij,ij->j", g, centered[s])
     partials = parallel_map(sums, parts)
     dbeta = _combine([p[0] for p in partials], b, dy.dtype)
     dgamma = _combine([p[1] for p in partials], b, dy.dtype) * inv_std
@@ -115,12 +146,11 @@ def batch_norm_backward(dy, x_centered, inv_std, gamma=None):
     k_t = _tile(k, b)
     slope_t = _tile(-k * inv_std * dgamma / m, b)        # - x_hat * k dgamma / M, per x - mean
     offset_t = _tile(-k * dbeta / m, b)                  # - k dbeta / M
-    dx = np.empty_like(dy_rows)
 
     def chain(s):                       # dx = k dy - x_hat k dgamma / M - k dbeta / M
         out = dx[s]
-        np.multiply(centered[s], slope_t, out=out)
+        np.multiply(dy_rows[s] if z_rows is None else out, k_t, out=out)
+        out += centered[s] * slope_t
         out += offset_t
-        out += dy_rows[s] * k_t
     parallel_map(chain, parts)
     return dx.reshape(dy.shape), dgamma, dbeta

@@ -6,6 +6,6 @@ from minicnn.functions.conv import (  # noqa: F401
 from minicnn.functions.math import (  # noqa: F401
     add, concatenate, div, exp, log, matmul, mean, mul, neg, pad, power, reshape, sqrt, stack,
     sub, transpose)
-from minicnn.functions.normalization import batch_norm  # noqa: F401
+from minicnn.functions.normalization import batch_norm, batch_norm_relu  # noqa: F401
 from minicnn.functions.pooling import (  # noqa: F401
     avg_pool2d, global_avg_pool2d, max_pool2d, upsample2d)

@@ -7,6 +7,9 @@ x: (..., C), parameters (C,).
     inference: y = gamma * (x - moving_mean) / sqrt(moving_var + eps) + beta; the statistics are
                constants, so dx = g * gamma / sqrt(moving_var + eps).
 
+    with ReLU: z = max(y, 0) of the training mode (``BatchNormReLU``, ``batch_norm_relu``), one
+               Function for a batch norm whose output nothing else reads; dx from dy = g [z > 0].
+
 The functions update nothing: a training call leaves the batch statistics on the Function
 (``fn = BatchNorm(eps); y = fn(x, gamma, beta); fn.batch_mean, fn.batch_var``) and the layer
 folds them into its moving averages (``kernels.normalization.update_moving_statistics``).
@@ -28,18 +31,44 @@ class BatchNorm(Function):
     def forward(self, x, gamma, beta):
         y, self.batch_mean, self.batch_var, x_centered, inv_std = \
             dispatch.batch_norm_forward_training(x, gamma, beta, epsilon=self.epsilon)
+        self._keep(x_centered, inv_std, gamma, beta)
+        return y
+
+    def _keep(self, x_centered, inv_std, gamma, beta):
+        """What the backward reads, when an input needs a gradient."""
         if any(self.needs_input_grad):
             self.x_centered, self.inv_std = x_centered, inv_std
             self.gamma, self.beta_dtype = gamma, beta.dtype
-        return y
 
     def backward(self, g):
         dx, dgamma, dbeta = dispatch.batch_norm_backward(g, self.x_centered, self.inv_std,
                                                           self.gamma)
+        return self._gradients(dx, dgamma, dbeta)
+
+    def _gradients(self, dx, dgamma, dbeta):
+        """The gradients the inputs need, gamma's and beta's in their dtypes."""
         need_x, need_gamma, need_beta = self.needs_input_grad
         return (dx if need_x else None,
                 dgamma.astype(self.gamma.dtype, copy=False) if need_gamma else None,
                 dbeta.astype(self.beta_dtype, copy=False) if need_beta else None)
+
+
+class BatchNormReLU(BatchNorm):
+    """Training-mode batch normalisation then ReLU, in one Function: inputs (x, gamma, beta),
+    z = max(y, 0) with y as ``BatchNorm``'s; backward from z: dy = g [z > 0], then BatchNorm's.
+    For a batch norm whose output nothing else reads (the caller knows: ``ConvBlock``)."""
+
+    def forward(self, x, gamma, beta):
+        z, self.batch_mean, self.batch_var, x_centered, inv_std = \
+            dispatch.batch_norm_relu_forward_training(x, gamma, beta, epsilon=self.epsilon)
+        self._keep(x_centered, inv_std, gamma, beta)
+        self.z = z
+        return z
+
+    def backward(self, g):
+        dx, dgamma, dbeta = dispatch.batch_norm_relu_backward(g, self.z, self.x_centered,
+                                                               self.inv_std, self.gamma)
+        return self._gradients(dx, dgamma, dbeta)
 
 
 class BatchNormInference(Function):
@@ -83,6 +112,13 @@ def batch_norm(x, gamma=None, beta=None, moving_mean=None, moving_variance=None,
     if moving_mean is None or moving_variance is None:
         raise ValueError("batch_norm: training=False needs moving_mean and moving_variance")
     return BatchNormInference(epsilon)(x, moving_mean, moving_variance, gamma, beta)
+
+
+def batch_norm_relu(x, gamma=None, beta=None, *, epsilon=1e-3):
+    """max(batch_norm(x, gamma, beta, training=True), 0) as one Function (``BatchNormReLU``).
+    x: (..., C); gamma, beta: (C,) or None (gamma = 1, beta = 0)."""
+    x = as_tensor(x)
+    return BatchNormReLU(epsilon)(x, _constant_or(gamma, x, 1), _constant_or(beta, x, 0))
 
 
 def _constant_or(value, x, fill):

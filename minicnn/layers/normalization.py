@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from kernels.normalization import update_moving_statistics
 from minicnn import mixed_precision
+from minicnn.functions import activations as A
 from minicnn.functions import math as M
-from minicnn.functions.normalization import BatchNorm, _constant_or, batch_norm
+from minicnn.functions.normalization import BatchNorm, BatchNormReLU, _constant_or, batch_norm
 from minicnn.layers.base import Layer, format_shape
-from minicnn.layers.core import initializer_config
+from minicnn.layers.core import ReLU, initializer_config
 
 
 class BatchNormalization(Layer):
@@ -80,7 +81,8 @@ class BatchNormalization(Layer):
         self.moving_variance = self.add_weight("moving_variance", shape,
                                                self.moving_variance_initializer, trainable=False)
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, training=False, relu=False):
+        """``relu=True``: max(y, 0) instead of y (see ``batch_norm_relu``)."""
         axis = self._channel_axis(inputs.shape)
         channels = self.moving_mean.shape[0]
         if inputs.shape[axis] != channels:
@@ -90,18 +92,23 @@ class BatchNormalization(Layer):
         if axis != last:                    # move the channels last, normalise, move them back
             order = [i for i in range(inputs.ndim) if i != axis] + [axis]
             back = sorted(range(inputs.ndim), key=lambda i: order[i])
-            return M.transpose(self._normalize(M.transpose(inputs, order), training), back)
-        return self._normalize(inputs, training)
+            return M.transpose(self._normalize(M.transpose(inputs, order), training, relu),
+                               back)
+        return self._normalize(inputs, training, relu)
 
-    def _normalize(self, x, training):
+    def _normalize(self, x, training, relu=False):
         """As Keras, float16 / bfloat16 inputs are normalised in float32 (statistics, gamma,
-        beta), and the result is cast back to the input's dtype."""
+        beta), and the result is cast back to the input's dtype. ``relu``: max(y, 0) taken
+        before the cast, fused with the batch norm (``BatchNormReLU``) when it trains on this
+        process's batch alone."""
         input_dtype = x.dtype
         if input_dtype.name in mixed_precision.LOW_PRECISION:
             x = mixed_precision.cast(x, "float32")
         if training and self.trainable:
-            fn = self._training_function()
+            fn = self._training_function(relu)
             y = fn(x, *self._gamma_beta(x))
+            if relu and not isinstance(fn, BatchNormReLU):
+                y = A.relu(y)
             mean, var = update_moving_statistics(self.moving_mean.data, self.moving_variance.data,
                                                  fn.batch_mean, fn.batch_var,
                                                  momentum=self.momentum)
@@ -112,13 +119,15 @@ class BatchNormalization(Layer):
             y = batch_norm(x, gamma, beta, self._in(self.moving_mean, x),
                            self._in(self.moving_variance, x), training=False,
                            epsilon=self.epsilon)
+            if relu:
+                y = A.relu(y)
         return mixed_precision.cast(y, input_dtype)
 
-    def _training_function(self):
+    def _training_function(self, relu=False):
         if self.synchronized:           # over the global batch when several ranks train
             from minicnn import distributed
             return distributed.batch_norm_function(self.epsilon)
-        return BatchNorm(self.epsilon)
+        return BatchNormReLU(self.epsilon) if relu else BatchNorm(self.epsilon)
 
     def _gamma_beta(self, x):
         return (_constant_or(self._in(self.gamma, x), x, 1),
@@ -138,3 +147,18 @@ class BatchNormalization(Layer):
                 "moving_mean_initializer": initializer_config(self.moving_mean_initializer),
                 "moving_variance_initializer": initializer_config(
                     self.moving_variance_initializer)}
+
+
+def batch_norm_relu(bn: BatchNormalization, relu: Layer, x, training=False):
+    """``relu(bn(x, training=training))`` for a batch norm whose output nothing else reads (the
+    caller's knowledge, e.g. ``ConvBlock``'s). In training, with ``relu`` a plain ReLU layer
+    (max(x, 0)), one call of ``bn`` takes the ReLU too: one fused Function (``BatchNormReLU``)
+    when bn normalises with this process's batch statistics, else bn's Function then ReLU (a
+    synchronized or frozen layer). Otherwise (inference, another activation) the two layers."""
+    plain_relu = type(relu) is ReLU and relu.max_value is None and relu.negative_slope == 0 \
+        and relu.threshold == 0
+    if not (training and plain_relu):
+        return relu(bn(x, training=training))
+    y = bn(x, training=training, relu=True)
+    relu.output_shape = y.shape                 # as if it had been called (summary())
+    return y

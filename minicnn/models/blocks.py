@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from minicnn import layers as kl
 from minicnn.layers.base import Layer
+from minicnn.layers.normalization import batch_norm_relu
 from minicnn.models.model import Model
 
 
@@ -38,7 +39,7 @@ class ResidualBlock(Layer):
             self.projection_bn = kl.BatchNormalization()
 
     def call(self, x, training=False):
-        h = self.relu1(self.bn1(self.conv1(x), training=training))
+        h = batch_norm_relu(self.bn1, self.relu1, self.conv1(x), training)
         h = self.bn2(self.conv2(h), training=training)
         if not self.shortcut:
             return self.relu2(h)
@@ -68,8 +69,8 @@ class SeparableBlock(Layer):
         self.relu2 = kl.ReLU()
 
     def call(self, x, training=False):
-        x = self.relu1(self.bn1(self.depthwise(x), training=training))
-        return self.relu2(self.bn2(self.pointwise(x), training=training))
+        x = batch_norm_relu(self.bn1, self.relu1, self.depthwise(x), training)
+        return batch_norm_relu(self.bn2, self.relu2, self.pointwise(x), training)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides}

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from minicnn import layers as kl
 from minicnn.layers.base import Layer
+from minicnn.layers.normalization import batch_norm_relu
 from minicnn.models.model import Model
 
 
 class ConvBlock(Layer):
-    """Two (Conv2D 3x3 -> BatchNormalization -> ReLU): the unit of every U-Net level."""
+    """Two (Conv2D 3x3 -> BatchNormalization -> ReLU): the unit of every U-Net level. Each batch
+    norm's output goes to its ReLU alone, so in training the pair runs as one
+    (``layers.normalization.batch_norm_relu``)."""
 
     input_ndim = 4
 
@@ -34,8 +37,8 @@ class ConvBlock(Layer):
         self.relu2 = kl.ReLU()
 
     def call(self, x, training=False):
-        x = self.relu1(self.bn1(self.conv1(x), training=training))
-        return self.relu2(self.bn2(self.conv2(x), training=training))
+        x = batch_norm_relu(self.bn1, self.relu1, self.conv1(x), training)
+        return batch_norm_relu(self.bn2, self.relu2, self.conv2(x), training)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "padding": self.padding}

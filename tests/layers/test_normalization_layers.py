@@ -164,3 +164,78 @@ def test_bad_arguments_raise(rng):
         BatchNormalization(axis=0)(mc.Tensor(np.zeros((2, 3))))
     with pytest.raises(ValueError, match="needs moving_mean and moving_variance"):
         batch_norm(mc.Tensor(np.zeros((2, 3))), training=False)
+
+
+def _twin_layers(rng, c, **kwargs):
+    """Two BatchNormalization layers with the same (non-default) weights."""
+    weights = [rng.uniform(0.5, 2, c), rng.standard_normal(c), rng.standard_normal(c),
+               rng.uniform(0.5, 2, c)]
+    layers = []
+    for _ in range(2):
+        layer = BatchNormalization(momentum=0.9, **kwargs)
+        layer.build((None, 4, 4, c))
+        layer.set_weights([w.astype(layer.gamma.dtype) for w in weights])
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("synchronized", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_relu_equals_relu_of_the_layer(rng, synchronized, training):
+    """One fused Function when the layer trains on its own batch; a synchronized layer (one
+    process here) and inference run the layer then ReLU: the same values, moving statistics
+    and gradients either way."""
+    from minicnn.layers.core import ReLU
+    from minicnn.layers.normalization import batch_norm_relu
+    fused_bn, plain_bn = _twin_layers(rng, 3, dtype="float64", synchronized=synchronized)
+    x = rng.standard_normal((2, 4, 4, 3)) * 2 + 1
+    dz = rng.standard_normal(x.shape)
+    xs = [mc.Tensor(x.copy(), requires_grad=True) for _ in range(2)]
+    relu = ReLU()
+    z = batch_norm_relu(fused_bn, relu, xs[0], training=training)
+    expected = ReLU()(plain_bn(xs[1], training=training))
+    fused = training and not synchronized
+    assert (type(z.creator).__name__ == "BatchNormReLU") == fused
+    assert relu.output_shape == z.shape
+    np.testing.assert_allclose(z.data, expected.data, rtol=1e-12, atol=1e-12)
+    z.backward(dz)
+    expected.backward(dz)
+    np.testing.assert_allclose(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-12)
+    for a, b in zip(fused_bn.weights, plain_bn.weights):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-12, atol=1e-12)
+        if a.grad is not None or b.grad is not None:
+            np.testing.assert_allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_relu_keeps_other_activations_apart(rng):
+    """A ReLU layer with a threshold is not max(x, 0): the two layers run as they are."""
+    from minicnn.layers.core import ReLU
+    from minicnn.layers.normalization import batch_norm_relu
+    bn, twin = _twin_layers(rng, 2, dtype="float64")
+    x = mc.Tensor(rng.standard_normal((2, 4, 4, 2)))
+    z = batch_norm_relu(bn, ReLU(threshold=0.5), x, training=True)
+    assert type(z.creator).__name__ != "BatchNormReLU"
+    np.testing.assert_allclose(z.data, ReLU(threshold=0.5)(twin(x, training=True)).data,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_relu_under_mixed_precision_keeps_float32_statistics(rng):
+    """float16 in and out; the fused Function runs in float32 (statistics, gamma, beta), as
+    the layer alone does, and the moving statistics stay float32."""
+    from minicnn import mixed_precision as mp
+    from minicnn.layers.core import ReLU
+    from minicnn.layers.normalization import batch_norm_relu
+    x = rng.standard_normal((4, 4, 4, 3)).astype(np.float16)
+    previous = mp.global_policy()
+    mp.set_global_policy("mixed_float16")
+    try:
+        bn, twin = _twin_layers(rng, 3)
+        z = batch_norm_relu(bn, ReLU(), mc.Tensor(x), training=True)
+        expected = ReLU()(twin(mc.Tensor(x), training=True))
+    finally:
+        mp.set_global_policy(previous)
+    assert z.dtype == np.float16 and bn.moving_mean.dtype == np.float32
+    assert type(z.creator.inputs[0].creator).__name__ == "BatchNormReLU"
+    np.testing.assert_array_equal(z.data, expected.data)
+    for a, b in zip(bn.weights, twin.weights):
+        np.testing.assert_array_equal(a.data, b.data)

@@ -8,17 +8,28 @@ from kernels.config import settings
 from kernels.fast import normalization as F
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_blocks_on_threads_equal_the_plain_kernels(rng, threads, dtype):
-    """Tiny blocks (3 rows of W*C values) force the blocked, threaded path of large activations."""
+def _case(rng, dtype):
+    """x (3, 5, 4, 3), gamma, beta, an upstream gradient, and the dtype's tolerance."""
     x = (rng.standard_normal((3, 5, 4, 3)) * 2 + 1).astype(dtype)
     gamma, beta = rng.uniform(0.5, 2, 3).astype(dtype), rng.standard_normal(3).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+    return x, gamma, beta, dy, tol
+
+
+def tiny_blocks(x, threads):
+    """Settings whose blocks are 3 rows of W*C values: the blocked, threaded path."""
+    return settings.override(threads=threads, batchnorm_block_bytes=3 * 4 * 3 * x.itemsize)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocks_on_threads_equal_the_plain_kernels(rng, threads, dtype):
+    """Tiny blocks (3 rows of W*C values) force the blocked, threaded path of large activations."""
+    x, gamma, beta, dy, tol = _case(rng, dtype)
     whole = plain.batch_norm_forward_training(x, gamma, beta)
     whole_grads = plain.batch_norm_backward(dy, whole[3], whole[4], gamma)
-    with settings.override(threads=threads, batchnorm_block_bytes=3 * 4 * 3 * x.itemsize):
+    with tiny_blocks(x, threads):
         assert len(F.blocks(F.rows_of(x)[0])) == 5
         blocked = F.batch_norm_forward_training(x, gamma, beta)
         grads = F.batch_norm_backward(dy, blocked[3], blocked[4], gamma)
@@ -36,14 +47,11 @@ def test_blocks_on_threads_equal_the_plain_kernels(rng, threads, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_batch_norm_relu_on_blocks_equals_the_plain_kernels(rng, threads, dtype):
     """The fused forward (ReLU per block) and backward (mask per block), many tiny blocks."""
-    x = (rng.standard_normal((3, 5, 4, 3)) * 2 + 1).astype(dtype)
-    gamma, beta = rng.uniform(0.5, 2, 3).astype(dtype), rng.standard_normal(3).astype(dtype)
-    dz = rng.standard_normal(x.shape).astype(dtype)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+    x, gamma, beta, dz, tol = _case(rng, dtype)
     whole = plain.batch_norm_relu_forward_training(x, gamma, beta)
     whole_grads = plain.batch_norm_relu_backward(dz, whole[0], whole[3], whole[4], gamma)
     assert 0 < (whole[0] == 0).mean() < 1          # both sides of the kink are exercised
-    with settings.override(threads=threads, batchnorm_block_bytes=3 * 4 * 3 * x.itemsize):
+    with tiny_blocks(x, threads):
         assert len(F.blocks(F.rows_of(x)[0])) == 5
         blocked = F.batch_norm_relu_forward_training(x, gamma, beta)
         grads = F.batch_norm_relu_backward(dz, blocked[0], blocked[3], blocked[4], gamma)

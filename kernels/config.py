@@ -107,7 +107,7 @@ FIELDS = {
     "parallel_min_bytes": (4 << 20, _int_at_least(0)),   # hand-off 30 us; small calls: the GIL
     "elementwise_block_bytes": (1 << 20, _int_at_least(1)),
     "batchnorm_block_bytes": (1 << 20, _int_at_least(1)),    # one L2: recipe -9 % vs 2 MiB
-    "conv_parallel_min_macs": (1 << 22, _int_at_least(0)),   # 4.7-38 M: pieces 1.1-1.8x
+    "conv_parallel_min_macs": (1 << 25, _int_at_least(0)),   # below: OpenBLAS threads it (RESULTS)
     "conv_chunk_bytes": (2 << 20, _int_at_least(1)),     # L2-sized: 5-45% faster than whole pieces
     "conv_chunk_rows": ((1024, 16384), _row_range),
     "shifted_min_channels": (8, _int_at_least(1)),       # fewer: products of K = C are too thin

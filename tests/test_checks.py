@@ -37,7 +37,8 @@ def test_every_builtin_passes(table):
     "conv2d_transpose strides=2", "depthwise_conv2d multiplier=2", "pad2d", "crop2d",
     "max_pool2d 2x2", "avg_pool2d 3x3 strides=2 same", "global_avg_pool2d",
     "upsample2d nearest 2x3", "upsample2d bilinear 2x2", "batch_norm training",
-    "batch_norm inference", "batch_norm_relu training", "relu", "leaky_relu", "sigmoid", "tanh", "softmax axis=-1",
+    "batch_norm inference", "batch_norm_relu training", "relu", "leaky_relu", "sigmoid", "tanh",
+    "softmax axis=-1",
     "log_softmax", "matmul (batched)", "dense (x @ W + b)", "exp", "log", "sqrt",
 ])
 def test_table_lists_the_function(table, name):

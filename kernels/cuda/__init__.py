@@ -61,7 +61,8 @@ __all__ = [
     "upsample2d_forward_gpu", "upsample2d_backward_gpu", "upsample_bilinear_gpu",
     "upsample_bilinear_backward_gpu", "batch_norm_statistics_gpu",
     "batch_norm_forward_training_gpu", "batch_norm_forward_inference_gpu",
-    "batch_norm_backward_gpu", "softmax_cross_entropy_gpu",
+    "batch_norm_backward_gpu", "batch_norm_relu_forward_training_gpu",
+    "batch_norm_relu_backward_gpu", "softmax_cross_entropy_gpu",
     "sparse_categorical_crossentropy_forward_gpu", "sparse_categorical_crossentropy_backward_gpu",
     "adam_update_gpu", "adam_update_reference",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import backend
+from kernels.activations import check_same_shape
 from kernels.cuda import runtime as rt
 
 SOURCE = "batchnorm.cu"
@@ -212,7 +213,5 @@ def batch_norm_relu_forward_training_gpu(x, gamma=None, beta=None, *, epsilon=1e
 def batch_norm_relu_backward_gpu(dz, z, x_centered, inv_std, gamma=None):
     """``batch_norm_backward_gpu`` of the ReLU's dy = dz * [z > 0]; z: the forward's output.
     Mirrors ``kernels.normalization.batch_norm_relu_backward``."""
-    if tuple(dz.shape) != tuple(z.shape):
-        raise ValueError(f"batch_norm_relu_backward_gpu: dz of shape {tuple(dz.shape)} vs z of "
-                         f"shape {tuple(z.shape)}")
+    check_same_shape("batch_norm_relu_backward_gpu", dz, z)
     return batch_norm_backward_gpu(dz * (z > 0), x_centered, inv_std, gamma)
